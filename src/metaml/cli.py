@@ -1,0 +1,189 @@
+"""The ``metaml`` command line.
+
+Every user mistake raises :class:`metaml.UserError`; :func:`main` prints it in one or two
+lines and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from metaml import __version__
+from metaml.errors import UserError
+
+app = typer.Typer(
+    name="metaml",
+    help="Meta-learning: train on many tasks, learn a new one from a few examples.\n\n"
+    "Example: metaml train configs/maml-sinusoid.yaml --set train.steps=2000",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+datasets_app = typer.Typer(help="List the known datasets or describe one.\n\nExample: metaml datasets show omniglot-small")
+app.add_typer(datasets_app, name="datasets")
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.steps=500 (repeatable)."),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DeviceOption = Annotated[str | None, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metaml {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Meta-learning: train on many tasks, learn a new one from a few examples."""
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config, e.g. configs/maml-sinusoid.yaml.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where to write the run (default runs/<name>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+    set_: SetOption = None,
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Meta-train a learner from a config into a run directory.
+
+    Examples:
+
+      metaml train configs/maml-sinusoid.yaml --set train.steps=2000
+
+      metaml train --resume runs/maml-sinusoid --set train.steps=4000
+    """
+    from metaml import runs
+    from metaml.config import load_config
+
+    overrides = list(set_ or []) + ([f"device={device}"] if device else [])
+    if resume is not None:
+        if config is not None:
+            raise UserError("give either a CONFIG or --resume DIR, not both")
+        runs.resume(resume, overrides, quiet=quiet)
+        return
+    if config is None:
+        raise UserError("no config given; use metaml train configs/maml-sinusoid.yaml (see configs/)")
+    runs.train(load_config(config, overrides), run_dir, quiet=quiet)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by metaml train.")],
+    dataset: Annotated[str | None, typer.Option(help="Evaluate on another dataset (name or spec).")] = None,
+    root: Annotated[str | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+    ways: Annotated[int | None, typer.Option(help="Classes per episode.")] = None,
+    shots: Annotated[int | None, typer.Option(help="Support examples per class.")] = None,
+    queries: Annotated[int | None, typer.Option(help="Query examples per class.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Test episodes (default: the config's, 600).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Test-time adaptation steps.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: DeviceOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Evaluate a trained run on fixed, seeded test episodes, with a 95% confidence interval.
+
+    Example: metaml eval runs/maml-sinusoid --steps 10 --episodes 600
+    """
+    from metaml import runs
+    from metaml.evaluate import evaluate
+
+    overrides = [f"data.{k}={v}" for k, v in dict(dataset=dataset, root=root, queries=queries).items() if v is not None]
+    cfg = runs.read_config(run_dir, overrides + ([f"device={device}"] if device else []))
+    learner = runs.load_learner(run_dir, checkpoint=checkpoint, device=cfg.device)
+    samplers = runs.build_samplers(cfg, eval_ways=ways, eval_shots=shots)
+    result = evaluate(learner, samplers.test, episodes or cfg.eval.episodes, steps=steps if steps is not None else cfg.eval.steps, progress=not quiet)
+    if json_:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(f"{run_dir}: {result.summary()}")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_list(ctx: typer.Context) -> None:
+    """List the known datasets and the specs accepted wherever a dataset name is."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from metaml.data import list_datasets
+
+    for entry in list_datasets():
+        typer.echo(f"{entry['name']:<18} {entry['kind']:<14} {entry['description']}")
+    typer.echo("\nSpecs: folder:PATH  zip:PATH  idx:IMAGES[,LABELS]  npz:PATH")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    name: Annotated[str, typer.Argument(help="A dataset name or spec, e.g. omniglot-small or folder:my_images.")],
+    root: Annotated[str | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON with classes, groups, examples, shape.")] = False,
+) -> None:
+    """Describe a dataset: classes, groups, examples per class and image shape.
+
+    Example: metaml datasets show omniglot-small1 --root ../shared/data/omniglot --json
+    """
+    from metaml.data import ClassDataset, load
+
+    source = load(name, root=root)
+    info: dict[str, Any]
+    if isinstance(source, ClassDataset):
+        info = source.describe()
+    else:
+        info = {"kind": "task family", "task_type": source.task_type, "input_shape": list(source.input_shape)}
+    if json_:
+        typer.echo(json.dumps(info))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:<12} {value}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo's runs.")] = Path("runs/demo"),
+    steps: Annotated[int | None, typer.Option(help="Meta-training steps (default: the demo's own).")] = None,
+    episodes: Annotated[int, typer.Option(help="Test episodes for each figure.")] = 600,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Meta-train on the bundled default tasks, evaluate with 95% CIs, and print a table.
+
+    Example: metaml demo --out runs/demo
+    """
+    from metaml.demo import run_demo
+
+    run_demo(out, steps=steps, episodes=episodes, device=device, quiet=quiet)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``metaml`` console script: user errors exit with status 2.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+        metaml 0.1.0
+    """
+    try:
+        app(args=argv, prog_name="metaml", standalone_mode=True)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

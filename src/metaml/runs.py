@@ -1,0 +1,162 @@
+"""Runs: from a config to a trained learner in a run directory, and back.
+
+``train(cfg)`` builds the data, the samplers and the learner, and meta-trains into a run
+directory; ``resume(run_dir)`` continues it; ``load_learner(run_dir)`` returns the trained
+learner ready to ``adapt``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from metaml.algorithms import create_learner
+from metaml.algorithms.base import MetaLearner
+from metaml.config import RunConfig, config_from_dict, apply_override
+from metaml.data import ClassDataset, load
+from metaml.device import resolve_device
+from metaml.engine import Trainer, latest_checkpoint
+from metaml.errors import UserError
+from metaml.io import atomic_write_text
+from metaml.tasks import EpisodeSampler
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunData:
+    """The three samplers of a run: meta-training, validation and test episodes."""
+
+    train: EpisodeSampler
+    val: EpisodeSampler
+    test: EpisodeSampler
+
+
+def build_samplers(cfg: RunConfig, eval_ways: int | None = None, eval_shots: int | None = None) -> RunData:
+    """Load the config's dataset, split it, and build seeded samplers for each split.
+
+    Class datasets are split by group or class (``data.split_by``); task families such as
+    ``sinusoid`` have no split, so each sampler gets its own seed instead.
+
+    Example:
+        >>> from metaml.config import load_config
+        >>> data = build_samplers(load_config(None, ["data.shots=5"]))
+        >>> data.train.episode(0).support_x.shape
+        torch.Size([5, 1])
+    """
+    d = cfg.data
+    source = load(d.dataset, root=d.root, **({"image_size": d.image_size} if d.image_size else {}))
+    common = dict(shots=d.shots, queries=d.queries, within_group=d.within_group, rotations=d.rotations)
+    ways = eval_ways or d.ways
+    test_shots = eval_shots or d.shots
+    if isinstance(source, ClassDataset):
+        train_set, val_set, test_set = source.split(d.split_by, d.split_fractions, d.split_seed)
+    else:
+        train_set = val_set = test_set = source
+    return RunData(
+        train=EpisodeSampler(train_set, **{**common, "ways": d.train_ways or d.ways}, meta_batch_size=d.meta_batch_size, seed=cfg.seed),
+        val=EpisodeSampler(val_set, **{**common, "ways": d.ways}, seed=cfg.seed + 1),
+        test=EpisodeSampler(test_set, **{**common, "ways": ways, "shots": test_shots}, seed=cfg.eval.seed),
+    )
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, quiet: bool = False) -> Path:
+    """Meta-train ``cfg`` into ``run_dir`` (default ``runs/<name>``) and return the run directory.
+
+    Example:
+        >>> from metaml.config import load_config
+        >>> # run_dir = train(load_config("configs/maml-sinusoid.yaml"))
+    """
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
+    if latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds a run; resume it with metaml train --resume {run_dir}, or choose another --run-dir")
+    torch.manual_seed(cfg.seed)
+    data = build_samplers(cfg)
+    device = resolve_device(cfg.device)
+    learner = build_learner(cfg, data.train).to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    _fit(cfg, learner, data, run_dir, device, quiet)
+    return run_dir
+
+
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False) -> Path:
+    """Continue a run from its latest checkpoint; ``overrides`` may raise ``train.steps``.
+
+    Example:
+        >>> # resume("runs/maml-sinusoid", ["train.steps=2000"])
+    """
+    run_dir = Path(run_dir)
+    if latest_checkpoint(run_dir) is None:
+        raise UserError(f"{run_dir} has no checkpoint to resume; start a new run with metaml train CONFIG")
+    cfg = read_config(run_dir, overrides)
+    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    data = build_samplers(cfg)
+    device = resolve_device(cfg.device)
+    learner = build_learner(cfg, data.train).to(device)
+    _fit(cfg, learner, data, run_dir, device, quiet)
+    return run_dir
+
+
+def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The resolved config saved in a run directory, with optional ``key=value`` overrides.
+
+    Example:
+        >>> # read_config("runs/demo-maml").algorithm.name
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the folder metaml train wrote")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
+    """The config's learner for tasks shaped like ``sampler``'s."""
+    return create_learner(cfg, input_shape=sampler.input_shape, task_type=sampler.task_type, ways=sampler.ways)
+
+
+def load_learner(run_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> MetaLearner:
+    """The trained learner of a run, ready to ``adapt``: ``checkpoint`` is ``best`` or ``last``.
+
+    ``best`` falls back to the last checkpoint when no validation ran.
+
+    Example:
+        >>> # learner = load_learner("runs/demo-protonet"); predictor = learner.adapt(sx, sy)
+    """
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    data = build_samplers(cfg)
+    learner = build_learner(cfg, data.train)
+    weights = _weights_file(run_dir, checkpoint)
+    state = load_file(str(weights))
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    learner.load_state_dict(model_state)
+    return learner.to(resolve_device(device)).eval()
+
+
+def _weights_file(run_dir: Path, checkpoint: str) -> Path:
+    best = run_dir / "checkpoints" / "best.safetensors"
+    if checkpoint == "best" and best.is_file():
+        return best
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"unknown checkpoint {checkpoint!r}; use best or last")
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise UserError(f"{run_dir} has no checkpoint; train it first with metaml train CONFIG --run-dir {run_dir}")
+    return latest.with_suffix(".safetensors")
+
+
+def _fit(cfg: RunConfig, learner: MetaLearner, data: RunData, run_dir: Path, device: torch.device, quiet: bool) -> None:
+    started = time.perf_counter()
+    trainer = Trainer(learner, data.train, data.val, cfg.train, run_dir, device, quiet=quiet)
+    trainer.fit()
+    if not quiet:
+        print(f"trained {cfg.name} in {time.perf_counter() - started:.0f} s -> {run_dir}")
