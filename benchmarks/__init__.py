@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks; run each as ``python -m benchmarks.<name>``."""
