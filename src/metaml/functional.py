@@ -1,0 +1,304 @@
+"""Inner-loop primitives on ``torch.func``: pure functions of parameter dicts.
+
+Parameters are plain ``dict[str, Tensor]`` (:data:`Params`); every step returns new tensors and
+never mutates its inputs (optax / TorchOpt style), and a network is evaluated at any parameters
+with :func:`torch.func.functional_call` — no monkeypatched modules, no per-task deepcopy.
+
+* :func:`inner_loop` runs ``steps`` of gradient descent. The inner gradients come from
+  :func:`torch.func.grad`, which outer autograd differentiates through, so ``loss.backward()`` on
+  a query loss gives the exact second-order meta-gradient; ``first_order=True`` detaches them.
+* :func:`map_tasks` applies a per-task function over a meta-batch either vectorized with
+  :func:`torch.func.vmap` or with a Python loop; both give the same values and meta-gradients.
+* :class:`VectorizeChooser` picks the faster of the two by timing the first training iterations.
+* :func:`adam_init` / :func:`adam_step`: a functional Adam for inner loops (Reptile).
+
+Example:
+    >>> net = torch.nn.Linear(1, 1)
+    >>> x, y = torch.randn(8, 1), torch.randn(8, 1)
+    >>> loss_at = lambda p, step: ((functional_call(net, p, (x,)) - y) ** 2).mean()
+    >>> fast = inner_loop(loss_at, dict(net.named_parameters()), steps=3, lr=0.1)
+    >>> sorted(fast), fast["weight"].requires_grad  # differentiable w.r.t. the initial params
+    (['bias', 'weight'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
+
+from metaml.errors import UserError
+from metaml.nn.backbones import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+Params: TypeAlias = dict[str, Tensor]
+Rate: TypeAlias = float | Tensor
+# A learning rate: one number, one rate per tensor (Tensor broadcastable to it), or per step.
+LearningRate: TypeAlias = Rate | Mapping[str, Rate] | Callable[[int], Rate | Mapping[str, Rate]]
+LossAt: TypeAlias = Callable[[Params, int], Tensor]
+Vectorize: TypeAlias = Literal["auto", "vmap", "loop"]
+
+__all__ = [
+    "AdamState",
+    "LearningRate",
+    "Params",
+    "VectorizeChooser",
+    "adam_init",
+    "adam_step",
+    "functional_call",
+    "inner_gradients",
+    "inner_loop",
+    "map_tasks",
+    "sgd_step",
+    "use_batch_statistics_",
+    "vmap_safe",
+]
+
+log = logging.getLogger("metaml.functional")
+
+
+def inner_gradients(
+    loss_at: LossAt, params: Params, step: int, first_order: bool = False
+) -> Params:
+    """``∂ loss_at(params, step) / ∂ params`` as a dict, differentiable by outer autograd.
+
+    With ``first_order=True`` the gradients are detached from the outer graph (FOMAML).
+
+    Example:
+        >>> p = {"w": torch.tensor(3.0, requires_grad=True)}
+        >>> g = inner_gradients(lambda q, step: q["w"] ** 2, p, 0)
+        >>> g["w"].item(), torch.autograd.grad(g["w"], p["w"])[0].item()  # 2w and d(2w)/dw
+        (6.0, 2.0)
+    """
+    grads: Params = grad(loss_at)(params, step)
+    if first_order:
+        grads = {k: g.detach() for k, g in grads.items()}
+    return grads
+
+
+def _rate(lr: Rate | Mapping[str, Rate], name: str) -> Rate:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
+def sgd_step(params: Params, grads: Params, lr: Rate | Mapping[str, Rate]) -> Params:
+    """One gradient-descent step ``p - lr * g``; ``lr`` is a number or a dict of per-tensor rates.
+
+    Example:
+        >>> sgd_step({"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)}, 0.25)["w"].item()
+        0.5
+    """
+    return {k: p - _rate(lr, k) * grads[k] for k, p in params.items()}
+
+
+def inner_loop(
+    loss_at: LossAt,
+    params: Params,
+    *,
+    steps: int,
+    lr: LearningRate,
+    first_order: bool = False,
+) -> Params:
+    """``steps`` of gradient descent on ``loss_at(params, step)``, returning new parameters.
+
+    ``lr`` may be a number, a dict of per-tensor (or elementwise) rates, or a function of the
+    step returning either. The result stays a differentiable function of ``params`` and of any
+    learned rates, so an outer ``backward()`` gives the second-order meta-gradient; under
+    ``torch.no_grad()`` (test-time adaptation) no outer graph is built at all.
+
+    Example:
+        >>> w = {"w": torch.tensor(0.0, requires_grad=True)}
+        >>> fast = inner_loop(lambda p, s: (p["w"] - 1.0) ** 2, w, steps=2, lr=0.25)
+        >>> round(fast["w"].item(), 4)  # 0 -> 0.5 -> 0.75
+        0.75
+    """
+    for step in range(steps):
+        grads = inner_gradients(loss_at, params, step, first_order)
+        rates = lr(step) if callable(lr) else lr
+        params = sgd_step(params, grads, rates)
+    return params
+
+
+class AdamState(NamedTuple):
+    """Adam's state: the step count and the first and second moment estimates."""
+
+    step: int
+    mu: Params
+    nu: Params
+
+
+def adam_init(params: Params) -> AdamState:
+    """Zero Adam state for ``params``.
+
+    Example:
+        >>> adam_init({"w": torch.ones(2)}).mu["w"].tolist()
+        [0.0, 0.0]
+    """
+    zeros = {k: torch.zeros_like(p) for k, p in params.items()}
+    return AdamState(0, zeros, dict(zeros))
+
+
+def adam_step(
+    params: Params,
+    grads: Params,
+    state: AdamState,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[Params, AdamState]:
+    """One Adam step (Kingma & Ba 2015, with bias correction); returns new params and state.
+
+    Example:
+        >>> p, s = adam_step({"w": torch.tensor(1.0)}, {"w": torch.tensor(5.0)},
+        ...                  adam_init({"w": torch.tensor(1.0)}), lr=0.1)
+        >>> round(p["w"].item(), 4), s.step  # the first Adam step moves by lr
+        (0.9, 1)
+    """
+    b1, b2 = betas
+    count = state.step + 1
+    mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in grads.items()}
+    nu = {k: b2 * state.nu[k] + (1 - b2) * g * g for k, g in grads.items()}
+    c1, c2 = 1 - b1**count, 1 - b2**count
+    new = {k: p - lr * (mu[k] / c1) / ((nu[k] / c2).sqrt() + eps) for k, p in params.items()}
+    return new, AdamState(count, mu, nu)
+
+
+def map_tasks(fn: Callable[..., Any], tensors: Sequence[Tensor], vectorize: str) -> Any:
+    """Apply ``fn`` to each task's slice of ``tensors`` (dim 0) and stack the results.
+
+    ``vectorize="vmap"`` runs all tasks at once with :func:`torch.func.vmap`; ``"loop"`` calls
+    ``fn`` once per task. ``fn`` returns a tensor or a pytree (tuple, dict) of tensors; the
+    result has the same structure with a leading task dimension.
+
+    Example:
+        >>> xs = torch.arange(6.0).view(3, 2)
+        >>> map_tasks(lambda x: (x.sum(), x * 2), [xs], "vmap")[0].tolist()
+        [1.0, 5.0, 9.0]
+    """
+    if vectorize == "vmap":
+        return vmap(fn, randomness="different")(*tensors)
+    if vectorize != "loop":
+        raise UserError(f"vectorize must be 'vmap' or 'loop' here, got {vectorize!r}")
+    outputs = [fn(*(t[i] for t in tensors)) for i in range(tensors[0].shape[0])]
+    flat, spec = zip(*(pytree.tree_flatten(o) for o in outputs), strict=True)
+    stacked = [torch.stack(column) for column in zip(*flat, strict=True)]
+    return pytree.tree_unflatten(stacked, spec[0])
+
+
+class VectorizeChooser:
+    """Chooses ``vmap`` or ``loop`` for a meta-learner by timing whole training iterations.
+
+    With ``mode="auto"``, :meth:`next_mode` hands out ``loop, vmap`` once as warm-up and then
+    alternates ``trials`` times; each iteration is timed from one call to the next, so the
+    outer backward pass and the optimizer step are included. The faster median wins, is kept for
+    the rest of the run, is logged on ``metaml.functional``, and is readable as :attr:`choice`.
+    ``"vmap"`` / ``"loop"`` fix the mode; a model that is not :func:`vmap_safe` always loops.
+
+    Example:
+        >>> chooser = VectorizeChooser("auto", trials=1)
+        >>> [chooser.next_mode() for _ in range(5)]
+        ['loop', 'vmap', 'loop', 'vmap', 'loop']
+        >>> chooser.choice in ("vmap", "loop")
+        True
+    """
+
+    def __init__(self, mode: Vectorize = "auto", trials: int = 3, can_vmap: bool = True) -> None:
+        if mode not in ("auto", "vmap", "loop"):
+            raise UserError(f"vectorize must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        if mode == "vmap" and not can_vmap:
+            raise UserError(
+                "vectorize='vmap' needs BatchNorm layers of type torch.nn.BatchNorm1d/2d/3d "
+                "(or the metaml.nn ones); use vectorize='loop' or 'auto'"
+            )
+        self.mode = mode
+        self.choice: str | None = None if mode == "auto" else mode
+        if mode == "auto" and not can_vmap:
+            self.choice = "loop"
+        self.seconds: dict[str, list[float]] = {"vmap": [], "loop": []}
+        self._schedule = ["loop", "vmap"] * (trials + 1)
+        self._calls = 0
+        self._last: tuple[str, float] | None = None
+
+    def next_mode(self) -> str:
+        """The mode for this iteration (and the end of the timing of the previous one)."""
+        if self.choice is not None:
+            return self.choice
+        now = time.perf_counter()
+        if self._last is not None and self._calls > 2:  # the first loop/vmap pair is warm-up
+            self.seconds[self._last[0]].append(now - self._last[1])
+        if self._calls < len(self._schedule):
+            mode = self._schedule[self._calls]
+            self._calls += 1
+            self._last = (mode, now)
+            return mode
+        self.choice = self._decide()
+        return self.choice
+
+    def _decide(self) -> str:
+        vmap_s, loop_s = (statistics.median(self.seconds[m]) for m in ("vmap", "loop"))
+        choice = "vmap" if vmap_s < loop_s else "loop"
+        log.info(
+            "vectorize=auto chose %s (median seconds per iteration: vmap %.4f, loop %.4f)",
+            choice,
+            vmap_s,
+            loop_s,
+        )
+        return choice
+
+
+_BATCH_STATS_CLASSES: dict[type[nn.Module], type[nn.modules.batchnorm._BatchNorm]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def use_batch_statistics_(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm of ``model`` normalise with the current batch's statistics, in place.
+
+    Running statistics are dropped (``track_running_stats=False``), as the original MAML does:
+    train and test batches are both normalised with their own mean and variance. Plain
+    ``nn.BatchNorm1d/2d/3d`` become the ``metaml.nn`` subclasses (same parameters and state dict)
+    whose forward is correct under ``vmap`` to second order. Returns ``model``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> _ = use_batch_statistics_(net)
+        >>> net[1].track_running_stats, net[1].running_mean, type(net[1]).__module__
+        (False, None, 'metaml.nn.backbones')
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.track_running_stats:
+            module.track_running_stats = False
+            module.register_buffer("running_mean", None)
+            module.register_buffer("running_var", None)
+            module.register_buffer("num_batches_tracked", None)
+        # Same attributes and state, only forward differs, so swapping the class is safe.
+        replacement = _BATCH_STATS_CLASSES.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+    return model
+
+
+def vmap_safe(model: nn.Module) -> bool:
+    """Whether ``model``'s normalisation layers give correct meta-gradients under ``vmap``.
+
+    Example:
+        >>> vmap_safe(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+        False
+        >>> vmap_safe(use_batch_statistics_(torch.nn.Sequential(torch.nn.BatchNorm1d(2))))
+        True
+    """
+    safe = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+    for module in model.modules():
+        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if is_norm and (not isinstance(module, safe) or module.running_mean is not None):
+            return False
+    return True

@@ -1,0 +1,181 @@
+"""metaml.functional against independent computations: hand-written steps, torch.optim, loops."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metaml.errors import UserError
+from metaml.functional import (
+    VectorizeChooser,
+    adam_init,
+    adam_step,
+    inner_gradients,
+    inner_loop,
+    map_tasks,
+    sgd_step,
+    use_batch_statistics_,
+    vmap_safe,
+)
+from metaml.nn import BatchNorm2d
+from metaml.nn.backbones import batch_norm_batch_stats
+
+
+def test_inner_loop_matches_hand_written_sgd_on_a_quadratic() -> None:
+    # loss = (w*x - y)^2, dloss/dw = 2x(wx - y)
+    x, y, lr = 2.0, 3.0, 0.05
+    w0 = torch.tensor(0.5, requires_grad=True)
+    fast = inner_loop(lambda p, s: (p["w"] * x - y) ** 2, {"w": w0}, steps=3, lr=lr)
+    w = 0.5
+    for _ in range(3):
+        w -= lr * 2 * x * (w * x - y)
+    assert fast["w"].item() == pytest.approx(w)
+    # d w3 / d w0 = (1 - 2 lr x^2)^3 (second-order, differentiated through the steps)
+    (dw,) = torch.autograd.grad(fast["w"], w0)
+    assert dw.item() == pytest.approx((1 - 2 * lr * x * x) ** 3)
+
+
+def test_first_order_detaches_the_inner_gradient() -> None:
+    w0 = torch.tensor(0.5, requires_grad=True)
+    fast = inner_loop(
+        lambda p, s: (p["w"] * 2.0 - 3.0) ** 2, {"w": w0}, steps=2, lr=0.05, first_order=True
+    )
+    (dw,) = torch.autograd.grad(fast["w"], w0)
+    assert dw.item() == 1.0  # only the identity path w0 -> w0 - lr*g survives
+
+
+def test_per_step_and_per_tensor_rates() -> None:
+    rates = torch.tensor([0.1, 0.2], requires_grad=True)
+    params = {"a": torch.tensor(1.0), "b": torch.tensor(1.0)}
+    fast = inner_loop(
+        lambda p, s: p["a"] + 2 * p["b"], params, steps=2, lr=lambda s: {"a": rates[s], "b": 0.5}
+    )
+    assert fast["a"].item() == pytest.approx(1 - 0.1 - 0.2)
+    assert fast["b"].item() == pytest.approx(1 - 2 * 0.5 * 2)
+    (g,) = torch.autograd.grad(fast["a"], rates)
+    assert g.tolist() == [-1.0, -1.0]
+
+
+def test_sgd_step_returns_new_tensors() -> None:
+    p = {"w": torch.ones(2)}
+    q = sgd_step(p, {"w": torch.ones(2)}, 0.5)
+    assert p["w"].tolist() == [1.0, 1.0] and q["w"].tolist() == [0.5, 0.5]
+
+
+def test_adam_matches_torch_optim() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.1, betas=(0.0, 0.999))
+    params, state = {"w": w.detach().clone()}, adam_init({"w": w.detach()})
+    for _ in range(4):
+        target = torch.randn(3)
+        opt.zero_grad()
+        ((w - target) ** 2).sum().backward()
+        opt.step()
+        grads = inner_gradients(lambda p, s, t=target: ((p["w"] - t) ** 2).sum(), params, 0)
+        params, state = adam_step(params, grads, state, lr=0.1, betas=(0.0, 0.999))
+    torch.testing.assert_close(params["w"], w.detach())
+    assert state.step == 4
+
+
+def test_map_tasks_vmap_equals_loop_with_pytrees() -> None:
+    xs = torch.randn(3, 4, 2)
+    fn = lambda x: {"s": x.sum(), "m": x.mean(0)}  # noqa: E731
+    a, b = map_tasks(fn, [xs], "vmap"), map_tasks(fn, [xs], "loop")
+    torch.testing.assert_close(a, b)
+    assert a["m"].shape == (3, 2)
+    with pytest.raises(UserError):
+        map_tasks(fn, [xs], "fast")
+
+
+def test_vmapped_second_order_through_batch_norm_equals_loop_and_finite_differences() -> None:
+    # Regression test: native batch_norm's double backward under vmap is wrong in torch 2.13;
+    # metaml's BatchNorm must give the loop's (and finite differences') meta-gradient.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        BatchNorm2d(2, track_running_stats=False),
+        nn.Flatten(),
+        nn.Linear(32, 1),
+    ).double()
+    params = {k: v.detach().requires_grad_() for k, v in net.named_parameters()}
+    sx, qx = (
+        torch.randn(3, 4, 1, 4, 4, dtype=torch.float64),
+        torch.randn(3, 4, 1, 4, 4, dtype=torch.float64),
+    )
+
+    def task(p: dict[str, torch.Tensor], s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        fast = inner_loop(
+            lambda f, _: functional_call(net, f, (s,)).pow(2).mean(), p, steps=2, lr=0.3
+        )
+        return functional_call(net, fast, (q,)).pow(2).mean()
+
+    total = lambda p, mode: map_tasks(lambda s, q: task(p, s, q), [sx, qx], mode).sum()  # noqa: E731
+    g_vmap = torch.autograd.grad(total(params, "vmap"), params["0.weight"])[0]
+    g_loop = torch.autograd.grad(total(params, "loop"), params["0.weight"])[0]
+    torch.testing.assert_close(g_vmap, g_loop, rtol=1e-9, atol=1e-12)
+    eps = 1e-6
+    with torch.no_grad():
+        bumped = {k: v.clone() for k, v in params.items()}
+        bumped["0.weight"].view(-1)[0] += eps
+        up = total(bumped, "loop").item()
+        bumped["0.weight"].view(-1)[0] -= 2 * eps
+        down = total(bumped, "loop").item()
+    assert g_loop.view(-1)[0].item() == pytest.approx((up - down) / (2 * eps), rel=1e-6)
+
+
+def test_batch_norm_batch_stats_equals_native() -> None:
+    x, w, b = torch.randn(5, 3, 4), torch.randn(3), torch.randn(3)
+    ref = torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    torch.testing.assert_close(batch_norm_batch_stats(x, w, b, 1e-5), ref)
+
+
+def test_use_batch_statistics_converts_in_place() -> None:
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
+    state_keys = set(net.state_dict())
+    assert not vmap_safe(net)
+    assert use_batch_statistics_(net) is net
+    assert vmap_safe(net)
+    assert net[1].running_mean is None and not net[1].track_running_stats
+    assert set(net.state_dict()) == state_keys - {
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
+    net.eval()  # batch statistics even in eval mode
+    x = torch.randn(6, 2)
+    h = net[0](x)
+    torch.testing.assert_close(
+        net[1](h),
+        torch.nn.functional.batch_norm(h, None, None, net[1].weight, net[1].bias, training=True),
+    )
+
+
+def test_chooser_times_both_then_keeps_the_faster(caplog: pytest.LogCaptureFixture) -> None:
+    chooser = VectorizeChooser("auto", trials=2)
+    modes = []
+    with caplog.at_level(logging.INFO, logger="metaml.functional"):
+        for _ in range(8):
+            mode = chooser.next_mode()
+            modes.append(mode)
+            if mode == "loop":  # make the loop iterations measurably slower
+                t = torch.randn(300, 300)
+                for _ in range(20):
+                    t = t @ t.T / 300
+    assert modes[:6] == ["loop", "vmap"] * 3
+    assert chooser.choice == "vmap" and modes[6:] == ["vmap", "vmap"]
+    assert len(chooser.seconds["loop"]) == 2 and len(chooser.seconds["vmap"]) == 2
+    assert "chose vmap" in caplog.text
+
+
+def test_chooser_fixed_modes_and_errors() -> None:
+    assert VectorizeChooser("loop").next_mode() == "loop"
+    assert VectorizeChooser("auto", can_vmap=False).choice == "loop"
+    with pytest.raises(UserError, match="vectorize"):
+        VectorizeChooser("fast")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="BatchNorm"):
+        VectorizeChooser("vmap", can_vmap=False)
