@@ -13,7 +13,9 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_overrides_parse_yaml_values() -> None:
-    cfg = load_config(None, ["train.lr=1e-4", "data.rotations=true", "model.backbone_options={hidden: [8, 8]}"])
+    cfg = load_config(
+        None, ["train.lr=1e-4", "data.rotations=true", "model.backbone_options={hidden: [8, 8]}"]
+    )
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.data.rotations is True
     assert cfg.model.backbone_options == {"hidden": [8, 8]}
@@ -79,3 +81,7 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 def test_config_from_dict_rejects_unknown_top_level_key() -> None:
     with pytest.raises(UserError, match=r"unknown config key 'trian'.*did you mean 'train'"):
         config_from_dict({"trian": {}})
+
+
+def test_algorithm_override_without_name_means_the_default_algorithm() -> None:
+    assert load_config(None, ["algorithm.inner_steps=3"]).algorithm.inner_steps == 3

@@ -35,7 +35,11 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'metaml' has no attribute {name!r}")
     module = _EXPORTS[name]
-    value = importlib.import_module(f"metaml.{name}") if module == "metaml" else getattr(importlib.import_module(module), name)
+    value = (
+        importlib.import_module(f"metaml.{name}")
+        if module == "metaml"
+        else getattr(importlib.import_module(module), name)
+    )
     globals()[name] = value
     return value
 

@@ -54,7 +54,9 @@ class _GradientBased(_Strict):
     inner_lr: float = Field(0.01, gt=0)
     inner_steps: int = Field(1, ge=0)
     test_inner_steps: int | None = Field(None, ge=0, description="defaults to inner_steps")
-    learn_inner_lr: bool = Field(False, description="MAML++ LSLR: one learned rate per step and tensor")
+    learn_inner_lr: bool = Field(
+        False, description="MAML++ LSLR: one learned rate per step and tensor"
+    )
     per_step_bn: bool = Field(False, description="MAML++: separate BatchNorm affine per inner step")
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
 
@@ -93,8 +95,27 @@ class ProtoNetConfig(_Strict):
     distance: Literal["euclidean", "cosine"] = "euclidean"
 
 
+class BaselineConfig(_Strict):
+    """Baseline / Baseline++ (Chen et al. 2019): pre-train on all classes, fit a new head per task."""
+
+    name: Literal["baseline"] = "baseline"
+    head: Literal["linear", "cosine"] = Field(
+        "linear", description="linear = Baseline, cosine = Baseline++"
+    )
+    finetune_steps: int = Field(100, ge=1)
+    finetune_lr: float = Field(0.01, gt=0)
+    finetune_batch_size: int = Field(4, ge=1)
+    finetune_all: bool = Field(False, description="also fine-tune the backbone (default: frozen)")
+
+
 AlgorithmConfig = Annotated[
-    MAMLConfig | FOMAMLConfig | MetaSGDConfig | ANILConfig | ReptileConfig | ProtoNetConfig,
+    MAMLConfig
+    | FOMAMLConfig
+    | MetaSGDConfig
+    | ANILConfig
+    | ReptileConfig
+    | ProtoNetConfig
+    | BaselineConfig,
     Field(discriminator="name"),
 ]
 
@@ -159,13 +180,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file {str(path)!r} not found; give a YAML file such as configs/maml-sinusoid.yaml")
+            raise UserError(
+                f"config file {str(path)!r} not found; give a YAML file such as configs/maml-sinusoid.yaml"
+            )
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise UserError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+            raise UserError(
+                f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}"
+            )
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
@@ -179,6 +204,10 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         >>> config_from_dict({"train": {"steps": 3}}).train.steps
         3
     """
+    algorithm = raw.get("algorithm")
+    if isinstance(algorithm, dict) and "name" not in algorithm:
+        # `--set algorithm.inner_steps=3` alone means the default algorithm, not a missing tag.
+        raw = {**raw, "algorithm": {"name": "maml", **algorithm}}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -196,7 +225,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"override {item!r} is not of the form key=value, e.g. --set train.steps=100")
+        raise UserError(
+            f"override {item!r} is not of the form key=value, e.g. --set train.steps=100"
+        )
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -235,6 +266,7 @@ _ALGORITHMS: dict[str, type[BaseModel]] = {
     "anil": ANILConfig,
     "reptile": ReptileConfig,
     "protonet": ProtoNetConfig,
+    "baseline": BaselineConfig,
 }
 
 
@@ -242,13 +274,19 @@ def _user_error_from(exc: ValidationError, raw: dict[str, Any]) -> UserError:
     lines = []
     for err in exc.errors():
         # Drop the discriminator tag pydantic inserts (algorithm.maml.inner_lr -> algorithm.inner_lr).
-        loc = tuple(p for i, p in enumerate(err["loc"]) if not (i == 1 and err["loc"][0] == "algorithm" and p in _ALGORITHMS))
+        loc = tuple(
+            p
+            for i, p in enumerate(err["loc"])
+            if not (i == 1 and err["loc"][0] == "algorithm" and p in _ALGORITHMS)
+        )
         where = ".".join(str(p) for p in loc) or "config"
         if err["type"] == "extra_forbidden":
             hint = did_you_mean(str(loc[-1]), _fields_at(loc, raw))
             lines.append(f"unknown config key {where!r}{hint}; remove it or fix its spelling")
         elif err["type"] == "union_tag_invalid":
-            lines.append(f"unknown algorithm {raw.get('algorithm', {}).get('name')!r}{did_you_mean(str(raw.get('algorithm', {}).get('name')), _ALGORITHMS)}; known: {', '.join(_ALGORITHMS)}")
+            lines.append(
+                f"unknown algorithm {raw.get('algorithm', {}).get('name')!r}{did_you_mean(str(raw.get('algorithm', {}).get('name')), _ALGORITHMS)}; known: {', '.join(_ALGORITHMS)}"
+            )
         else:
             lines.append(f"config key {where!r}: {err['msg']} (got {err.get('input')!r})")
     return UserError("; ".join(lines))

@@ -34,14 +34,26 @@ def demo_config(steps: int, device: str) -> RunConfig:
             "data": {"dataset": "sinusoid", "shots": 10, "queries": 10, "meta_batch_size": 25},
             "model": {"backbone": "mlp", "backbone_options": {"hidden": [40, 40]}},
             "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
-            "train": {"steps": steps, "lr": 1e-3, "val_every": max(steps // 5, 1), "val_tasks": 100,
-                      "checkpoint_every": max(steps // 5, 1), "log_every": max(steps // 100, 1)},
+            "train": {
+                "steps": steps,
+                "lr": 1e-3,
+                "val_every": max(steps // 5, 1),
+                "val_tasks": 100,
+                "checkpoint_every": max(steps // 5, 1),
+                "log_every": max(steps // 100, 1),
+            },
             "eval": {"episodes": 600},
         }
     )
 
 
-def run_demo(out: Path, steps: int | None = None, episodes: int = 600, device: str = "auto", quiet: bool = False) -> dict[str, Result]:
+def run_demo(
+    out: Path,
+    steps: int | None = None,
+    episodes: int = 600,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Result]:
     """Train, evaluate and print the demo table; results are saved to ``out/results.json``.
 
     Example:
@@ -55,20 +67,29 @@ def run_demo(out: Path, steps: int | None = None, episodes: int = 600, device: s
         runs.train(cfg, run_dir, quiet=quiet)
     trained = runs.load_learner(run_dir, checkpoint="last", device=device)
     torch.manual_seed(cfg.seed)
-    untrained = runs.build_learner(cfg, runs.build_samplers(cfg).train).to(next(trained.parameters()).device)
+    untrained = runs.build_learner(cfg, runs.build_samplers(cfg).train).to(
+        next(trained.parameters()).device
+    )
     test = runs.build_samplers(cfg, eval_shots=5).test
     results: dict[str, Result] = {}
     for steps_at_test in TEST_STEPS:
         for label, learner in (("MAML", trained), ("no meta-training", untrained)):
             name = f"{label}, {steps_at_test} step{'s' if steps_at_test > 1 else ''}"
-            results[name] = evaluate(learner, test, episodes, steps=steps_at_test, progress=not quiet)
+            results[name] = evaluate(
+                learner, test, episodes, steps=steps_at_test, progress=not quiet
+            )
     _print_table(results, episodes)
-    atomic_write_json(out / "results.json", {k: {"mean": r.mean, "ci95": r.ci95, "episodes": r.episodes} for k, r in results.items()})
+    atomic_write_json(
+        out / "results.json",
+        {k: {"mean": r.mean, "ci95": r.ci95, "episodes": r.episodes} for k, r in results.items()},
+    )
     return results
 
 
 def _print_table(results: dict[str, Result], episodes: int) -> None:
-    print(f"\nSinusoid regression, 5-shot, {episodes} test tasks (MSE, lower is better; ± is the 95% CI)")
+    print(
+        f"\nSinusoid regression, 5-shot, {episodes} test tasks (MSE, lower is better; ± is the 95% CI)"
+    )
     print(f"{'learner':<34}{'MSE':>10}{'± 95% CI':>12}")
     for name, result in results.items():
         print(f"{name:<34}{result.mean:>10.3f}{result.ci95:>12.3f}")

@@ -43,4 +43,6 @@ def unknown_name_error(kind: str, name: str, choices: Iterable[str]) -> UserErro
         "unknown backbone 'conv5' (did you mean 'conv4'?); known: conv4, mlp"
     """
     known = sorted(choices)
-    return UserError(f"unknown {kind} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+    return UserError(
+        f"unknown {kind} {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}"
+    )

@@ -45,7 +45,9 @@ class Result:
     def from_scores(scores: list[float], metric: str, seed: int, **info: Any) -> Result:
         """Summarise per-episode scores: mean and 1.96 * std / sqrt(n) (sample std, ddof=1)."""
         mean, ci = mean_ci95(scores)
-        return Result(mean=mean, ci95=ci, scores=list(map(float, scores)), metric=metric, seed=seed, info=info)
+        return Result(
+            mean=mean, ci95=ci, scores=list(map(float, scores)), metric=metric, seed=seed, info=info
+        )
 
     @property
     def episodes(self) -> int:

@@ -48,7 +48,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         >>> p.read_text()
         'hello'
     """
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

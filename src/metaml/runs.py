@@ -13,17 +13,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from metaml.algorithms import create_learner
 from metaml.algorithms.base import MetaLearner
-from metaml.config import RunConfig, config_from_dict, apply_override
+from metaml.config import RunConfig, apply_override, config_from_dict
 from metaml.data import ClassDataset, load
 from metaml.device import resolve_device
-from metaml.engine import Trainer, latest_checkpoint
+from metaml.engine import Trainer, latest_checkpoint, load_checkpoint
 from metaml.errors import UserError
 from metaml.io import atomic_write_text
-from metaml.tasks import EpisodeSampler
+from metaml.tasks import EpisodeSampler, TaskFamily
 
 CONFIG_FILE = "config.yaml"
 
@@ -37,7 +36,9 @@ class RunData:
     test: EpisodeSampler
 
 
-def build_samplers(cfg: RunConfig, eval_ways: int | None = None, eval_shots: int | None = None) -> RunData:
+def build_samplers(
+    cfg: RunConfig, eval_ways: int | None = None, eval_shots: int | None = None
+) -> RunData:
     """Load the config's dataset, split it, and build seeded samplers for each split.
 
     Class datasets are split by group or class (``data.split_by``); task families such as
@@ -50,18 +51,24 @@ def build_samplers(cfg: RunConfig, eval_ways: int | None = None, eval_shots: int
         torch.Size([5, 1])
     """
     d = cfg.data
-    source = load(d.dataset, root=d.root, **({"image_size": d.image_size} if d.image_size else {}))
-    common = dict(shots=d.shots, queries=d.queries, within_group=d.within_group, rotations=d.rotations)
-    ways = eval_ways or d.ways
-    test_shots = eval_shots or d.shots
+    options = {"image_size": d.image_size} if d.image_size else {}
+    source: ClassDataset | TaskFamily = load(d.dataset, root=d.root, **options)
+    splits: tuple[ClassDataset | TaskFamily, ...] = (source, source, source)
     if isinstance(source, ClassDataset):
-        train_set, val_set, test_set = source.split(d.split_by, d.split_fractions, d.split_seed)
-    else:
-        train_set = val_set = test_set = source
+        splits = source.split(d.split_by, d.split_fractions, d.split_seed)
+
+    def sampler(
+        split: int, ways: int, shots: int, seed: int, meta_batch_size: int = 1
+    ) -> EpisodeSampler:
+        return EpisodeSampler(
+            splits[split], ways=ways, shots=shots, queries=d.queries, meta_batch_size=meta_batch_size,
+            seed=seed, within_group=d.within_group, rotations=d.rotations,
+        )  # fmt: skip
+
     return RunData(
-        train=EpisodeSampler(train_set, **{**common, "ways": d.train_ways or d.ways}, meta_batch_size=d.meta_batch_size, seed=cfg.seed),
-        val=EpisodeSampler(val_set, **{**common, "ways": d.ways}, seed=cfg.seed + 1),
-        test=EpisodeSampler(test_set, **{**common, "ways": ways, "shots": test_shots}, seed=cfg.eval.seed),
+        train=sampler(0, d.train_ways or d.ways, d.shots, cfg.seed, d.meta_batch_size),
+        val=sampler(1, d.ways, d.shots, cfg.seed + 1),
+        test=sampler(2, eval_ways or d.ways, eval_shots or d.shots, cfg.eval.seed),
     )
 
 
@@ -74,18 +81,22 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, quiet: bool = False
     """
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     if latest_checkpoint(run_dir) is not None:
-        raise UserError(f"{run_dir} already holds a run; resume it with metaml train --resume {run_dir}, or choose another --run-dir")
+        raise UserError(
+            f"{run_dir} already holds a run; resume it with metaml train --resume {run_dir}, or choose another --run-dir"
+        )
     torch.manual_seed(cfg.seed)
     data = build_samplers(cfg)
     device = resolve_device(cfg.device)
     learner = build_learner(cfg, data.train).to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-    _fit(cfg, learner, data, run_dir, device, quiet)
+    _fit(cfg, learner, data, run_dir, device, quiet, resume=False)
     return run_dir
 
 
-def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False) -> Path:
+def resume(
+    run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False
+) -> Path:
     """Continue a run from its latest checkpoint; ``overrides`` may raise ``train.steps``.
 
     Example:
@@ -93,13 +104,15 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), qui
     """
     run_dir = Path(run_dir)
     if latest_checkpoint(run_dir) is None:
-        raise UserError(f"{run_dir} has no checkpoint to resume; start a new run with metaml train CONFIG")
+        raise UserError(
+            f"{run_dir} has no checkpoint to resume; start a new run with metaml train CONFIG"
+        )
     cfg = read_config(run_dir, overrides)
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
     data = build_samplers(cfg)
     device = resolve_device(cfg.device)
     learner = build_learner(cfg, data.train).to(device)
-    _fit(cfg, learner, data, run_dir, device, quiet)
+    _fit(cfg, learner, data, run_dir, device, quiet, resume=True)
     return run_dir
 
 
@@ -111,7 +124,9 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
     """
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the folder metaml train wrote")
+        raise UserError(
+            f"{run_dir} is not a run directory (no {CONFIG_FILE}); give the folder metaml train wrote"
+        )
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for item in overrides:
         apply_override(raw, item)
@@ -120,10 +135,18 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
     """The config's learner for tasks shaped like ``sampler``'s."""
-    return create_learner(cfg, input_shape=sampler.input_shape, task_type=sampler.task_type, ways=sampler.ways)
+    return create_learner(
+        cfg,
+        input_shape=sampler.input_shape,
+        task_type=sampler.task_type,  # type: ignore[arg-type]
+        ways=sampler.ways,
+        num_classes=sampler.num_classes,
+    )
 
 
-def load_learner(run_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> MetaLearner:
+def load_learner(
+    run_dir: str | Path, checkpoint: str = "best", device: str = "auto"
+) -> MetaLearner:
     """The trained learner of a run, ready to ``adapt``: ``checkpoint`` is ``best`` or ``last``.
 
     ``best`` falls back to the last checkpoint when no validation ran.
@@ -135,28 +158,35 @@ def load_learner(run_dir: str | Path, checkpoint: str = "best", device: str = "a
     cfg = read_config(run_dir)
     data = build_samplers(cfg)
     learner = build_learner(cfg, data.train)
-    weights = _weights_file(run_dir, checkpoint)
-    state = load_file(str(weights))
-    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    learner.load_state_dict(model_state)
+    load_checkpoint(_checkpoint_file(run_dir, checkpoint), learner, restore_rng=False)
     return learner.to(resolve_device(device)).eval()
 
 
-def _weights_file(run_dir: Path, checkpoint: str) -> Path:
-    best = run_dir / "checkpoints" / "best.safetensors"
-    if checkpoint == "best" and best.is_file():
-        return best
+def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
     if checkpoint not in ("best", "last"):
         raise UserError(f"unknown checkpoint {checkpoint!r}; use best or last")
+    best = run_dir / "checkpoints" / "best.json"
+    if checkpoint == "best" and best.is_file():
+        return best
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        raise UserError(f"{run_dir} has no checkpoint; train it first with metaml train CONFIG --run-dir {run_dir}")
-    return latest.with_suffix(".safetensors")
+        raise UserError(
+            f"{run_dir} has no checkpoint; train it first with metaml train CONFIG --run-dir {run_dir}"
+        )
+    return latest
 
 
-def _fit(cfg: RunConfig, learner: MetaLearner, data: RunData, run_dir: Path, device: torch.device, quiet: bool) -> None:
+def _fit(
+    cfg: RunConfig,
+    learner: MetaLearner,
+    data: RunData,
+    run_dir: Path,
+    device: torch.device,
+    quiet: bool,
+    resume: bool,
+) -> None:
     started = time.perf_counter()
     trainer = Trainer(learner, data.train, data.val, cfg.train, run_dir, device, quiet=quiet)
-    trainer.fit()
+    (trainer.resume() if resume else trainer).fit()
     if not quiet:
         print(f"trained {cfg.name} in {time.perf_counter() - started:.0f} s -> {run_dir}")

@@ -50,7 +50,11 @@ class ProtoNet(MetaLearner):
         """Class scores ``(..., q, ways)`` from prototypes ``(..., ways, d)`` and queries ``(..., q, d)``."""
         if self.distance == "cosine":
             assert self.scale is not None
-            return self.scale * F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
+            return (
+                self.scale
+                * F.normalize(queries, dim=-1)
+                @ F.normalize(prototypes, dim=-1).transpose(-1, -2)
+            )
         return -torch.cdist(queries, prototypes).pow(2)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:

@@ -8,7 +8,15 @@ Example:
 
 from metaml.data.class_dataset import ClassDataset
 from metaml.data.omniglot import load_omniglot
-from metaml.data.readers import Preprocess, cache_dir, read_folder, read_idx, read_npz, read_zip
+from metaml.data.readers import (
+    Preprocess,
+    cache_dir,
+    read_folder,
+    read_idx,
+    read_images,
+    read_npz,
+    read_zip,
+)
 from metaml.data.registry import list_datasets, load, register_dataset
 from metaml.data.sinusoid import Sinusoid, SinusoidParams
 
@@ -23,6 +31,7 @@ __all__ = [
     "load_omniglot",
     "read_folder",
     "read_idx",
+    "read_images",
     "read_npz",
     "read_zip",
     "register_dataset",

@@ -130,6 +130,38 @@ def read_folder(path: str | Path, *, cache: bool = True, **preprocess: Any) -> C
     )
 
 
+def read_images(path: str | Path, **preprocess: Any) -> tuple[torch.Tensor, list[str]]:
+    """Read every image file directly inside a folder, sorted by name: ``(uint8 (n, C, H, W), names)``.
+
+    The images to label or embed (``metaml predict``, ``metaml features``); ``preprocess`` is a
+    run's own (image_size, channels, invert, resample) so they match what the model was trained on.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> Image.new("L", (8, 8)).save(root / "q1.png")
+        >>> images, names = read_images(root, image_size=4)
+        >>> images.shape, names
+        (torch.Size([1, 1, 4, 4]), ['q1.png'])
+    """
+    root = _existing(path, "folder")
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give a folder of image files")
+    files = sorted(f.name for f in root.iterdir() if f.is_file() and not _hidden(f.name))
+    if not files:
+        raise UserError(f"folder {root} has no image files; put the images to use directly in it")
+    pre = Preprocess(**preprocess)
+    pils = [_decode((root / f).read_bytes(), str(root / f)) for f in files]
+    channels = pre.channels or (1 if all(im.mode in _GRAY_MODES for im in pils) else 3)
+    arrays = [_to_array(im, channels, pre) for im in pils]
+    _check_same_size(arrays, files)
+    images = np.stack(arrays).transpose(0, 3, 1, 2)  # (n, H, W, C) -> (n, C, H, W)
+    if pre.invert:
+        images = 255 - images
+    return torch.from_numpy(np.ascontiguousarray(images)), files
+
+
 def read_zip(path: str | Path, *, cache: bool = True, **preprocess: Any) -> ClassDataset:
     """Read a zip of ``<group>/<class>/<image>`` or ``<class>/<image>`` without extracting it.
 
