@@ -150,6 +150,7 @@ class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
     device: str = "auto"
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's own choice)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = Field(default_factory=MAMLConfig)

@@ -31,6 +31,7 @@ def demo_config(steps: int, device: str) -> RunConfig:
         {
             "name": "demo-maml-sinusoid",
             "device": device,
+            "threads": 1,
             "data": {"dataset": "sinusoid", "shots": 10, "queries": 10, "meta_batch_size": 25},
             "model": {"backbone": "mlp", "backbone_options": {"hidden": [40, 40]}},
             "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},

@@ -134,7 +134,11 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
-    """The config's learner for tasks shaped like ``sampler``'s."""
+    """The config's learner for tasks shaped like ``sampler``'s (also applies ``cfg.threads``)."""
+    if cfg.threads is not None:
+        # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
+        # on a busy machine can make them 10-30x slower.
+        torch.set_num_threads(cfg.threads)
     return create_learner(
         cfg,
         input_shape=sampler.input_shape,
