@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from metaml.tasks import EpisodeSampler
 
 Z95 = 1.96
+# What, besides the seed and the count, fixes which episodes a result was computed on.
+_EPISODE_KEYS = ("ways", "shots", "queries")
 
 
 @dataclass
@@ -110,7 +112,11 @@ def evaluate(
             scores.append(learner.score(outputs, task.query_y))
     finally:
         learner.train(was_training)
-    return Result.from_scores(scores, metric=metric, seed=sampler.seed, steps=steps)
+    # The episodes' shape goes with the seed: compare() pairs only results on the same episodes.
+    shape = {"shots": sampler.shots, "queries": sampler.queries}
+    if sampler.task_type == "classification":  # a task family ignores ways
+        shape["ways"] = sampler.ways
+    return Result.from_scores(scores, metric=metric, seed=sampler.seed, steps=steps, **shape)
 
 
 @dataclass
@@ -132,7 +138,9 @@ class Comparison:
 def compare(results: dict[str, Result]) -> list[Comparison]:
     """Paired differences between every pair of results evaluated on the same episodes.
 
-    A difference is significant when its 95% CI excludes zero.
+    A difference is significant when its 95% CI excludes zero. Results must share the metric,
+    the sampler seed, the number of episodes and (when recorded in ``info``, as :func:`evaluate`
+    does) the episodes' ways, shots and queries; otherwise a ``ValueError`` says which differs.
 
     Example:
         >>> a = Result.from_scores([0.5, 0.6, 0.7], "accuracy", seed=0)
@@ -145,10 +153,27 @@ def compare(results: dict[str, Result]) -> list[Comparison]:
     for i, name_a in enumerate(names):
         for name_b in names[i + 1 :]:
             ra, rb = results[name_a], results[name_b]
-            if ra.seed != rb.seed or ra.episodes != rb.episodes:
+            if ra.metric != rb.metric:
+                raise ValueError(
+                    f"{name_a!r} and {name_b!r} have different metrics ({ra.metric}/{rb.metric}); "
+                    "compare results of the same kind of task"
+                )
+            shape = [k for k in _EPISODE_KEYS if k in ra.info and k in rb.info]
+            if (ra.seed, ra.episodes, *(ra.info[k] for k in shape)) != (
+                rb.seed, rb.episodes, *(rb.info[k] for k in shape)
+            ):  # fmt: skip
+                differ = ", ".join(
+                    f"{k} {a}/{b}"
+                    for k, a, b in [
+                        ("seeds", ra.seed, rb.seed),
+                        ("episodes", ra.episodes, rb.episodes),
+                        *((k, ra.info[k], rb.info[k]) for k in shape),
+                    ]
+                    if a != b
+                )
                 raise ValueError(
                     f"{name_a!r} and {name_b!r} were not evaluated on the same episodes "
-                    f"(seeds {ra.seed}/{rb.seed}, episodes {ra.episodes}/{rb.episodes}); evaluate both with one sampler"
+                    f"({differ}); evaluate both with one sampler"
                 )
             diffs = np.asarray(rb.scores) - np.asarray(ra.scores)
             mean, ci = mean_ci95(diffs)

@@ -50,7 +50,28 @@ def run_preprocessing(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(
             f"run {run_dir} was trained on {cfg.data.dataset!r}, not on images; predict and features need an image run"
         )
-    return {k: source.config[k] for k in _PREPROCESS_KEYS if k in source.config}
+    pre = _preprocessing(source.config, run_dir)
+    # Without a recorded size or channel count (npz, IDX), use the training images' own, so
+    # that a user's images are brought to what the network takes.
+    channels, height, width = source.shape
+    if pre.get("image_size") is None:
+        pre["image_size"] = [height, width]
+    if pre.get("channels") is None:
+        pre["channels"] = channels
+    return pre
+
+
+def _preprocessing(config: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The preprocessing keys of a dataset config; a concatenation's come from its parts."""
+    if config.get("reader") == "concat":
+        parts = [_preprocessing(part, run_dir) for part in config.get("parts", [])]
+        if parts and any(part != parts[0] for part in parts):
+            raise UserError(
+                f"run {run_dir} was trained on datasets preprocessed differently ({parts}); "
+                "predict and features need one preprocessing"
+            )
+        return parts[0] if parts else {}
+    return {k: config[k] for k in _PREPROCESS_KEYS if k in config}
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -74,6 +95,9 @@ def predict_folder(
 ) -> list[Prediction]:
     """Adapt a run's learner to ``support`` (one subfolder per class) and label every image in ``query``.
 
+    ``steps=None`` adapts as ``metaml eval`` does: the run's ``eval.steps`` when set, else the
+    learner's own default (``test_inner_steps``, ``inner_steps`` or ``finetune_steps``).
+
     Example:
         >>> # for p in predict_folder("runs/protonet", "my_support", "my_queries"):
         >>> #     print(p.file, p.label, f"{p.probability:.2f}")
@@ -86,6 +110,8 @@ def predict_folder(
         )
     query_images, names = read_images(query, **pre)
     learner = runs.load_learner(run_dir, checkpoint=checkpoint, device=device)
+    if steps is None:
+        steps = runs.read_config(run_dir).eval.steps
     target = next(learner.parameters()).device
     predictor = learner.adapt(
         to_float(support_set.images).to(target), support_set.targets.to(target), steps=steps
@@ -138,8 +164,10 @@ def export_features(
         >>> # export_features("runs/protonet", "my_images", "features.npy").shape
     """
     out = Path(out)
-    if out.suffix not in (".npy", ".csv", ".parquet"):
+    if out.suffix.lower() not in (".npy", ".csv", ".parquet"):
         raise UserError(f"--out {out} must end in .npy, .csv or .parquet")
+    if out.suffix.lower() == ".parquet":
+        _require_parquet()  # before the embedding work, not after it
     pre = run_preprocessing(run_dir)
     image_u8, names = read_images(images, **pre)
     backbone = feature_extractor(runs.load_learner(run_dir, checkpoint=checkpoint, device=device))
@@ -156,8 +184,32 @@ def export_features(
     return features
 
 
+def _require_parquet() -> None:
+    """Raise a :class:`UserError` unless pandas and a parquet engine (pyarrow, fastparquet) import."""
+    missing = []
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        missing.append("pandas")
+    engines = 0
+    for engine in ("pyarrow", "fastparquet"):
+        try:
+            __import__(engine)
+            engines += 1
+        except ImportError:
+            pass
+    if not engines:
+        missing.append("pyarrow")
+    if missing:
+        raise UserError(
+            f"writing .parquet needs {' and '.join(missing)} (pip install {' '.join(missing)}); "
+            "or use .npy or .csv"
+        )
+
+
 def _save_features(features: np.ndarray, names: list[str], out: Path) -> None:
-    if out.suffix == ".npy":
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
 
         def write_npy(tmp: str) -> None:
             # A file object, because np.save would append ".npy" to the temporary name.
@@ -167,7 +219,7 @@ def _save_features(features: np.ndarray, names: list[str], out: Path) -> None:
         atomic_write(out, write_npy)
         return
     columns = [f"f{i}" for i in range(features.shape[1])]
-    if out.suffix == ".csv":
+    if suffix == ".csv":
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -180,12 +232,9 @@ def _save_features(features: np.ndarray, names: list[str], out: Path) -> None:
 
         atomic_write(out, write)
         return
-    try:
-        import pandas as pd
-    except ImportError as exc:
-        raise UserError(
-            "writing .parquet needs pandas and pyarrow (pip install pandas pyarrow); or use .npy or .csv"
-        ) from exc
+    _require_parquet()
+    import pandas as pd
+
     frame = pd.DataFrame(features, columns=columns)
     frame.insert(0, "file", names)
     atomic_write(out, lambda tmp: frame.to_parquet(tmp, index=False))

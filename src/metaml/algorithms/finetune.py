@@ -141,18 +141,20 @@ class Baseline(MetaLearner):
         def embed(x: Tensor) -> Tensor:
             return backbone_features(self.backbone, backbone_params, buffers, x)
 
-        frozen = None if self.finetune_all else embed(support_x).detach()
-        with torch.enable_grad():
-            for _ in range(steps):
-                pick = torch.randperm(len(support_y), generator=generator)[
-                    : self.finetune_batch_size
-                ].to(support_x.device)
-                features = frozen[pick] if frozen is not None else embed(support_x[pick])
-                loss = F.cross_entropy(head(features), support_y[pick])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        self.backbone.train(was_training)
+        try:
+            frozen = None if self.finetune_all else embed(support_x).detach()
+            with torch.enable_grad():
+                for _ in range(steps):
+                    pick = torch.randperm(len(support_y), generator=generator)[
+                        : self.finetune_batch_size
+                    ].to(support_x.device)
+                    features = frozen[pick] if frozen is not None else embed(support_x[pick])
+                    loss = F.cross_entropy(head(features), support_y[pick])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            self.backbone.train(was_training)
         head.requires_grad_(False)
         for p in backbone_params.values():
             p.requires_grad_(False)
