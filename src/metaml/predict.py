@@ -17,11 +17,9 @@ from tqdm.auto import tqdm
 
 from metaml import runs
 from metaml.algorithms.features import embed, feature_extractor
-from metaml.data import ClassDataset, load, read_folder, read_images
+from metaml.data import read_folder, read_images
 from metaml.errors import UserError
 from metaml.io import atomic_write
-
-_PREPROCESS_KEYS = ("image_size", "channels", "invert", "resample")
 
 
 @dataclass(frozen=True)
@@ -36,42 +34,24 @@ class Prediction:
 def run_preprocessing(run_dir: str | Path) -> dict[str, Any]:
     """The image preprocessing of a run's training data (image_size, channels, invert, resample).
 
+    Read from the run's ``model.json``, so the training data need not be present.
+
     Example:
         >>> # run_preprocessing("runs/protonet-omniglot")
         >>> # {'image_size': [28, 28], 'channels': 1, 'invert': True, 'resample': 'lanczos'}
     """
-    cfg = runs.read_config(run_dir)
-    source = load(
-        cfg.data.dataset,
-        root=cfg.data.root,
-        **({"image_size": cfg.data.image_size} if cfg.data.image_size else {}),
+    spec = runs.read_model_spec(run_dir)
+    pre = (
+        spec["preprocess"]
+        if spec is not None
+        else runs.build_samplers(runs.read_config(run_dir)).preprocess
     )
-    if not isinstance(source, ClassDataset):
+    if pre is None:
+        cfg = runs.read_config(run_dir)
         raise UserError(
             f"run {run_dir} was trained on {cfg.data.dataset!r}, not on images; predict and features need an image run"
         )
-    pre = _preprocessing(source.config, run_dir)
-    # Without a recorded size or channel count (npz, IDX), use the training images' own, so
-    # that a user's images are brought to what the network takes.
-    channels, height, width = source.shape
-    if pre.get("image_size") is None:
-        pre["image_size"] = [height, width]
-    if pre.get("channels") is None:
-        pre["channels"] = channels
-    return pre
-
-
-def _preprocessing(config: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """The preprocessing keys of a dataset config; a concatenation's come from its parts."""
-    if config.get("reader") == "concat":
-        parts = [_preprocessing(part, run_dir) for part in config.get("parts", [])]
-        if parts and any(part != parts[0] for part in parts):
-            raise UserError(
-                f"run {run_dir} was trained on datasets preprocessed differently ({parts}); "
-                "predict and features need one preprocessing"
-            )
-        return parts[0] if parts else {}
-    return {k: config[k] for k in _PREPROCESS_KEYS if k in config}
+    return dict(pre)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ learner ready to ``adapt``.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -21,19 +23,34 @@ from metaml.data import ClassDataset, load
 from metaml.device import resolve_device
 from metaml.engine import Trainer, latest_checkpoint, load_checkpoint
 from metaml.errors import UserError
-from metaml.io import atomic_write_text
+from metaml.io import atomic_write_json, atomic_write_text
 from metaml.tasks import EpisodeSampler, TaskFamily
 
 CONFIG_FILE = "config.yaml"
 
 
+SPEC_FILE = "model.json"
+_PREPROCESS_KEYS = ("image_size", "channels", "invert", "resample")
+
+
 @dataclass
 class RunData:
-    """The three samplers of a run: meta-training, validation and test episodes."""
+    """The three samplers of a run, and the image preprocessing of its data (None for task families)."""
 
     train: EpisodeSampler
     val: EpisodeSampler
     test: EpisodeSampler
+    preprocess: dict[str, Any] | None = None
+
+    def model_spec(self) -> dict[str, Any]:
+        """What rebuilding the learner needs, saved as ``model.json`` so a run loads without its data."""
+        return {
+            "input_shape": list(self.train.input_shape),
+            "task_type": self.train.task_type,
+            "ways": self.train.ways,
+            "num_classes": self.train.num_classes,
+            "preprocess": self.preprocess,
+        }
 
 
 def build_samplers(
@@ -69,7 +86,59 @@ def build_samplers(
         train=sampler(0, d.train_ways or d.ways, d.shots, cfg.seed, d.meta_batch_size),
         val=sampler(1, d.ways, d.shots, cfg.seed + 1),
         test=sampler(2, eval_ways or d.ways, eval_shots or d.shots, cfg.eval.seed),
+        preprocess=image_preprocessing(source) if isinstance(source, ClassDataset) else None,
     )
+
+
+def image_preprocessing(dataset: ClassDataset) -> dict[str, Any]:
+    """How a dataset's images were made (image_size, channels, invert, resample), to treat new images alike.
+
+    Without a recorded size or channel count (npz, IDX), the images' own are used, so that a
+    user's images are brought to what the network takes.
+
+    Example:
+        >>> from metaml.data import ClassDataset
+        >>> ds = ClassDataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+        >>> image_preprocessing(ds)["image_size"]
+        [8, 8]
+    """
+    pre = _recorded_preprocessing(dataset.config)
+    channels, height, width = dataset.shape
+    if pre.get("image_size") is None:
+        pre["image_size"] = [height, width]
+    if pre.get("channels") is None:
+        pre["channels"] = channels
+    return pre
+
+
+def _recorded_preprocessing(config: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing keys of a dataset config; a concatenation's come from its parts."""
+    if config.get("reader") == "concat":
+        parts = [_recorded_preprocessing(part) for part in config.get("parts", [])]
+        if parts and any(part != parts[0] for part in parts):
+            raise UserError(
+                f"the run's datasets were preprocessed differently ({parts}); predict and features need one preprocessing"
+            )
+        return parts[0] if parts else {}
+    return {k: config[k] for k in _PREPROCESS_KEYS if k in config}
+
+
+def read_model_spec(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``model.json`` (input shape, task type, ways, classes, preprocessing), or None.
+
+    Example:
+        >>> # read_model_spec("runs/protonet-omniglot")["preprocess"]["invert"]
+    """
+    path = Path(run_dir) / SPEC_FILE
+    if not path.is_file():
+        return None
+    try:
+        spec: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path} is not valid JSON ({exc}); delete it to rebuild from the run's data"
+        ) from exc
+    return spec
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, quiet: bool = False) -> Path:
@@ -90,6 +159,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, quiet: bool = False
     learner = build_learner(cfg, data.train).to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    atomic_write_json(run_dir / SPEC_FILE, data.model_spec())
     _fit(cfg, learner, data, run_dir, device, quiet, resume=False)
     return run_dir
 
@@ -160,8 +230,18 @@ def load_learner(
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    data = build_samplers(cfg)
-    learner = build_learner(cfg, data.train)
+    spec = read_model_spec(run_dir)
+    if spec is None:  # a run written before model.json existed: rebuild the shapes from its data
+        spec = build_samplers(cfg).model_spec()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    learner = create_learner(
+        cfg,
+        input_shape=tuple(spec["input_shape"]),
+        task_type=spec["task_type"],
+        ways=spec["ways"],
+        num_classes=spec["num_classes"],
+    )
     load_checkpoint(_checkpoint_file(run_dir, checkpoint), learner, restore_rng=False)
     return learner.to(resolve_device(device)).eval()
 
