@@ -108,6 +108,18 @@ class BaselineConfig(_Strict):
     finetune_all: bool = Field(False, description="also fine-tune the backbone (default: frozen)")
 
 
+class MANNConfig(_Strict):
+    """MANN (Santoro et al. 2016): an LSTM controller with an LRUA external memory."""
+
+    name: Literal["mann"] = "mann"
+    controller_size: int = Field(200, ge=1, description="LSTM units")
+    memory_slots: int = Field(128, ge=1, description="memory rows (N)")
+    memory_size: int = Field(40, ge=1, description="row size, also the key size (D)")
+    read_heads: int = Field(4, ge=1, description="read heads; n of the least-used weights")
+    gamma: float = Field(0.95, ge=0, le=1, description="usage decay")
+    key_strength: bool = Field(False, description="learned read sharpness (NTM), not in the paper")
+
+
 AlgorithmConfig = Annotated[
     MAMLConfig
     | FOMAMLConfig
@@ -115,7 +127,8 @@ AlgorithmConfig = Annotated[
     | ANILConfig
     | ReptileConfig
     | ProtoNetConfig
-    | BaselineConfig,
+    | BaselineConfig
+    | MANNConfig,
     Field(discriminator="name"),
 ]
 
@@ -150,7 +163,9 @@ class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
     device: str = "auto"
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's own choice)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's own choice)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = Field(default_factory=MAMLConfig)
@@ -268,6 +283,7 @@ _ALGORITHMS: dict[str, type[BaseModel]] = {
     "reptile": ReptileConfig,
     "protonet": ProtoNetConfig,
     "baseline": BaselineConfig,
+    "mann": MANNConfig,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from metaml.algorithms.base import MetaLearner, Predictor, TaskType
 from metaml.algorithms.finetune import Baseline
 from metaml.algorithms.gbml import ANIL, FOMAML, MAML, MetaSGD
+from metaml.algorithms.mann import MANN
 from metaml.algorithms.protonet import ProtoNet
 from metaml.algorithms.reptile import Reptile
 from metaml.config import RunConfig
@@ -23,6 +24,7 @@ LEARNERS: dict[str, type[MetaLearner]] = {
     "reptile": Reptile,
     "protonet": ProtoNet,
     "baseline": Baseline,
+    "mann": MANN,
 }
 # Metric-based learners embed; the others adapt a network whose head outputs the task's targets.
 _EMBEDDING_LEARNERS = {"protonet", "baseline"}
@@ -49,6 +51,8 @@ def create_learner(
     """
     name = cfg.algorithm.name
     kwargs = cfg.algorithm.model_dump(exclude={"name"})
+    if name == "mann":  # reads the flattened input itself: no backbone
+        return MANN(None, task_type=task_type, ways=ways, input_shape=input_shape, **kwargs)
     if name in _EMBEDDING_LEARNERS:
         backbone = create_backbone(
             cfg.model.backbone, in_shape=input_shape, num_outputs=0, **cfg.model.backbone_options
