@@ -7,6 +7,7 @@ Example:
 """
 
 from metaml.data.class_dataset import ClassDataset
+from metaml.data.glyphs import glyphs_manifest, load_glyphs
 from metaml.data.omniglot import load_omniglot
 from metaml.data.readers import (
     Preprocess,
@@ -26,8 +27,10 @@ __all__ = [
     "Sinusoid",
     "SinusoidParams",
     "cache_dir",
+    "glyphs_manifest",
     "list_datasets",
     "load",
+    "load_glyphs",
     "load_omniglot",
     "read_folder",
     "read_idx",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaml.data.class_dataset import ClassDataset
+from metaml.data.glyphs import load_glyphs
 from metaml.data.omniglot import ARCHIVES, DESCRIPTIONS, load_omniglot
 from metaml.data.readers import read_folder, read_idx, read_npz, read_zip
 from metaml.data.sinusoid import Sinusoid
@@ -179,3 +180,10 @@ register_dataset(
 )
 for _name in ARCHIVES:
     register_dataset(_name, "classification", DESCRIPTIONS[_name], _omniglot(_name))
+register_dataset(
+    "glyphs",
+    "classification",
+    "bundled: letters of 80+ real scripts drawn from the Noto fonts, 20 drawers each, 28x28",
+    load_glyphs,
+    ("split", "image_size"),
+)
