@@ -206,3 +206,23 @@ def test_datasets_list_and_show_json(
     info = json.loads(out)
     assert info["classes"] == 136 and info["groups"] == 5 and info["examples"] == 2720
     assert info["shape"] == [1, 28, 28]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_glyphs_and_omniglot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], omniglot_root: Path
+) -> None:
+    args = ["demo", "--out", str(tmp_path), "--steps", "4", "--episodes", "3", "--quiet"]
+    code, out, err = run_cli([*args, "--omniglot", str(omniglot_root), "--device", "cpu"], capsys)
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {
+        f"{learner}, {data}, 5-way {shots}-shot"
+        for learner in ("protonet", "maml")
+        for data in ("glyphs", "Omniglot")
+        for shots in (1, 5)
+    }
+    assert all(0.0 <= r["mean"] <= 1.0 and r["episodes"] == 3 for r in results.values())
+    assert "protonet, glyphs, 5-way 1-shot" in out and "paired:" in out
+    html = (tmp_path / "report.html").read_text()
+    assert "demo-protonet-glyphs" in html and "demo-maml-glyphs" in html

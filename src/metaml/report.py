@@ -33,6 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from metaml.config import RunConfig
+from metaml.device import resolve_device
 from metaml.errors import UserError
 from metaml.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -249,7 +250,7 @@ def write_report(
     episodes: int = 600,
     sample_episodes: int = 3,
     shots: Sequence[int] = (1, 5),
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
     checkpoint: str = "best",
 ) -> tuple[Path, Path]:
@@ -267,6 +268,7 @@ def write_report(
     if not dirs:
         raise UserError("no run directory given; pass one or more folders written by metaml train")
     out = _output_dir(dirs, out_dir)
+    device = str(resolve_device(device))  # "auto" -> "cuda" or "cpu", for tensors' .to()
     runs = _read_runs(dirs)
     for run in runs:
         _add_evaluations(run, tuple(shots), episodes, sample_episodes, device, progress, checkpoint)
