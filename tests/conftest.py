@@ -95,3 +95,12 @@ def tiny_dataset() -> ClassDataset:
     images = images.expand(24, 1, 3, 3).contiguous()
     names = [f"c{c}" for c in range(6)]
     return ClassDataset(images, targets, names, ["a", "a", "b", "b", "c", "c"])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run several times faster on one thread of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

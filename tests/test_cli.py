@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from PIL import Image
-
-from metaml.cli import main
 
 TINY = [
     "--set",
@@ -27,17 +26,6 @@ TINY = [
     "--set",
     "data.shots=5",
 ]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``metaml ARGS`` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

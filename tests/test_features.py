@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
@@ -16,31 +16,12 @@ from metaml import runs
 from metaml.algorithms import create_learner
 from metaml.algorithms.features import FeatureClassifier, embed, feature_extractor
 from metaml.algorithms.protonet import ProtoNet
-from metaml.cli import main
 from metaml.config import load_config
 from metaml.errors import UserError
 from metaml.nn import create_backbone
 from metaml.tasks import TaskBatch
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run several times faster on one thread of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``metaml ARGS`` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def simpleshot(support: np.ndarray, support_y: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,13 +32,7 @@ class Linear(Backbone):
         return self.linear(x.flatten(1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models adapt several times faster on one thread of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state(module: nn.Module) -> dict[str, Tensor]:

@@ -6,17 +6,16 @@ import csv
 import shutil
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from PIL import Image
 
 from metaml import runs
 from metaml.algorithms.features import feature_extractor
-from metaml.cli import main
 from metaml.config import load_config
 from metaml.data import ClassDataset
 from metaml.errors import UserError
@@ -30,25 +29,7 @@ from metaml.predict import (
 )
 from metaml.tasks import Task
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run several times faster on one thread of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run ``metaml ARGS`` in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_png(image: np.ndarray, path: Path) -> None:

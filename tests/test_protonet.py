@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -176,15 +175,6 @@ def test_adapt_uses_running_batchnorm_statistics_and_never_updates_them() -> Non
 
 
 # -- learning ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def noisy_codes(
