@@ -205,10 +205,7 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
     """The config's learner for tasks shaped like ``sampler``'s (also applies ``cfg.threads``)."""
-    if cfg.threads is not None:
-        # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
-        # on a busy machine can make them 10-30x slower.
-        torch.set_num_threads(cfg.threads)
+    _apply_threads(cfg)
     return create_learner(
         cfg,
         input_shape=sampler.input_shape,
@@ -233,8 +230,7 @@ def load_learner(
     spec = read_model_spec(run_dir)
     if spec is None:  # a run written before model.json existed: rebuild the shapes from its data
         spec = build_samplers(cfg).model_spec()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    _apply_threads(cfg)
     learner = create_learner(
         cfg,
         input_shape=tuple(spec["input_shape"]),
@@ -244,6 +240,13 @@ def load_learner(
     )
     load_checkpoint(_checkpoint_file(run_dir, checkpoint), learner, restore_rng=False)
     return learner.to(resolve_device(device)).eval()
+
+
+def _apply_threads(cfg: RunConfig) -> None:
+    if cfg.threads is not None:
+        # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
+        # on a busy machine can make them 10-30x slower.
+        torch.set_num_threads(cfg.threads)
 
 
 def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
