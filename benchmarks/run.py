@@ -1,0 +1,478 @@
+"""The speed suite: metaml against higher, a plain PyTorch loop and the machine's matmul peak.
+
+Run from the repository root, on a quiet machine (others' heavy jobs take the same lock)::
+
+    flock /tmp/metaml-heavy.lock python -m benchmarks.run          # full, appends to RESULTS.md
+    python -m benchmarks.run --quick                                # smoke test, records nothing
+
+Each workload runs in a fresh subprocess (so peak RSS figures do not mix), where every
+implementation of it is warmed up and then timed in interleaved rounds (metaml, higher, plain,
+metaml, ...), so a change of machine load hits all of them alike; each figure is the median of
+the rounds, and ratios are taken between medians of the same subprocess. Peak RSS of workload
+(b), 5-step second-order MAML, is measured in one more subprocess per implementation.
+
+Workloads (see docs/speed.md): (a) sinusoid MAML; (b) conv4 MAML 5-way 1-shot, 1 and 5 steps,
+second and first order; (c) ProtoNet conv4 20-way 1-shot; (d) test-time adaptation of 600
+episodes with 10 steps; (e) episode sampling against the consumption rate of (b); plus the
+fp32 and bf16 matmul peak. Achieved GFLOP/s count the floating-point operations of matmuls
+and convolutions (forward, backward and double backward) with ``FlopCounterMode`` on the plain
+loop's iteration: the same arithmetic for every implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, machine
+
+Step = Callable[[], Any]
+
+# The torch thread count of each workload: on this 2-core machine one thread is faster for the
+# small MLP (per-op overhead dominates; a second thread only adds synchronisation) and all cores
+# for conv4 (measured: see docs/speed.md). The matmul peak uses all cores.
+THREADS = {"sinusoid": 1, "conv4": 0, "protonet": 0, "adapt": 0, "sampling": 1, "peak": 0}
+
+
+def set_threads(workload: str, override: int | None = None) -> int:
+    """Set torch's thread count for ``workload`` (0 in :data:`THREADS` means all cores).
+
+    Example:
+        >>> set_threads("sinusoid", override=1)
+        1
+    """
+    n = override if override is not None else THREADS.get(workload.split("-")[0], 0)
+    n = n or (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def time_rates(
+    impls: dict[str, Step], units: float, runs: int, warmup: int = 1, iters: int = 1
+) -> dict[str, list[float]]:
+    """``units`` per second of each implementation, ``runs`` interleaved timed rounds each.
+
+    Each round times ``iters`` calls of every implementation in turn, after ``warmup`` untimed
+    calls of each.
+
+    Example:
+        >>> rates = time_rates({"a": lambda: None, "b": lambda: None}, units=1, runs=3)
+        >>> sorted(rates), len(rates["a"])
+        (['a', 'b'], 3)
+    """
+    for step in impls.values():
+        for _ in range(warmup):
+            step()
+    rates: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(runs):
+        for name, step in impls.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            rates[name].append(units * iters / (time.perf_counter() - start))
+    return rates
+
+
+def count_flops(step: Step) -> float:
+    """Floating-point operations of one call of ``step`` (matmuls and convolutions).
+
+    Example:
+        >>> a = torch.randn(4, 8)
+        >>> count_flops(lambda: a @ torch.randn(8, 16))  # 2 * 4 * 8 * 16
+        1024.0
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def conv4_forward_flops(images: int, ways: int, hidden: int = 64, size: int = 28) -> float:
+    """Hand count of conv4's forward FLOPs on ``images`` inputs of ``1 x size x size``.
+
+    Each 3x3 convolution costs ``2 * 9 * C_in * C_out * H * W`` per image at its input
+    resolution (padding 1 keeps H, W; the 2x2 max-pool then halves them), the head
+    ``2 * features * ways``. BatchNorm, ReLU and pooling are not counted (as FlopCounterMode).
+
+    Example:
+        >>> round(conv4_forward_flops(1, 5) / 1e6, 2)  # MFLOP per 28x28 image
+        19.57
+    """
+    total, channels, h = 0.0, 1, size
+    for _ in range(4):
+        total += 2 * 9 * channels * hidden * h * h
+        channels, h = hidden, h // 2
+    return images * (total + 2 * hidden * h * h * ways)
+
+
+def matmul_peak(dtype: torch.dtype, n: int, runs: int) -> float:
+    """Median GFLOP/s of an ``n x n`` matmul in ``dtype`` (the machine's practical peak).
+
+    Example:
+        >>> matmul_peak(torch.float32, 64, runs=1) > 0
+        True
+    """
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    reps = max(1, int(2e9 / (2 * n**3)))  # about 2 GFLOP per timed run
+    torch.mm(a, b, out=out)
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        rates.append(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {
+        name: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": len(r)}
+        for name, r in rates.items()
+    }
+
+
+# ---- workers: each runs in its own subprocess and prints one JSON line ---------------------
+
+
+def worker_peak(quick: bool) -> dict[str, Any]:
+    """fp32 and bf16 matmul GFLOP/s."""
+    n, runs = (256, 2) if quick else (2048, 7)
+    return {
+        "fp32_gflops": matmul_peak(torch.float32, n, runs),
+        "bf16_gflops": matmul_peak(torch.bfloat16, n, runs),
+        "n": n,
+    }
+
+
+def worker_sinusoid(quick: bool) -> dict[str, Any]:
+    """(a) sinusoid MAML, second order, meta-batch 25, 10-shot, 1 step: meta-iterations/s."""
+    from benchmarks.speed_workloads import sinusoid_batch, sinusoid_impls
+
+    impls = sinusoid_impls(sinusoid_batch(25, 10))
+    runs, iters = (2, 2) if quick else (7, 20)
+    rates = time_rates(impls, units=1, runs=runs, warmup=2, iters=iters)
+    return {"unit": "meta-iterations/s", "rates": _summary(rates)}
+
+
+def _conv4_spec(name: str, quick: bool) -> Any:
+    from benchmarks.speed_workloads import Conv4Spec
+
+    _, steps, order = name.split("-")  # conv4-<steps>-<so|fo>
+    spec = Conv4Spec(steps=int(steps), first_order=order == "fo")
+    if quick:
+        spec.meta_batch, spec.hidden, spec.queries = 2, 8, 2
+    return spec
+
+
+def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
+    """(b) conv4 MAML: tasks/s and GFLOP/s of every implementation."""
+    from benchmarks.speed_workloads import conv4_forward, conv4_impls, plain_maml, random_batch
+
+    spec = _conv4_spec(name, quick)
+    batch = random_batch(spec)
+    impls = conv4_impls(spec, batch)
+    # FLOPs of one meta-iteration, counted on a separate plain-loop instance (same arithmetic).
+    from benchmarks.speed_workloads import conv4_model
+
+    probe = plain_maml(
+        conv4_model(spec), batch, "classification", spec.inner_lr, spec.steps, spec.first_order,
+        forward=conv4_forward,
+    )  # fmt: skip
+    flops = count_flops(probe)
+    runs = 2 if quick else 5
+    rates = time_rates(impls, units=spec.meta_batch, runs=runs, warmup=1)
+    return {
+        "unit": "tasks/s",
+        "rates": _summary(rates),
+        "flops_per_task": flops / spec.meta_batch,
+        "spec": vars(spec),
+    }
+
+
+def worker_rss(name: str, impl: str, quick: bool) -> dict[str, Any]:
+    """Peak RSS of two meta-iterations of one implementation of a conv4 workload, alone."""
+    from benchmarks.speed_workloads import conv4_impls, random_batch
+
+    spec = _conv4_spec(name, quick)
+    batch = random_batch(spec)
+    step = conv4_impls(spec, batch)[impl]  # builds the others too, but never runs them
+    before = peak_rss_mb()
+    for _ in range(2):
+        step()
+    return {"impl": impl, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+
+
+def worker_protonet(quick: bool) -> dict[str, Any]:
+    """(c) ProtoNet conv4 20-way 1-shot 15 queries: episodes/s and GFLOP/s."""
+    from benchmarks.speed_workloads import protonet_impl
+
+    step, _ = protonet_impl(queries=2 if quick else 15, ways=5 if quick else 20)
+    flops = count_flops(step)
+    runs, iters = (2, 1) if quick else (7, 3)
+    rates = time_rates({"metaml": step}, units=1, runs=runs, warmup=2, iters=iters)
+    return {"unit": "episodes/s", "rates": _summary(rates), "flops_per_episode": flops}
+
+
+def worker_adapt(quick: bool) -> dict[str, Any]:
+    """(d) test-time adaptation of 600 5-way 1-shot episodes, 10 steps: seconds."""
+    from benchmarks.speed_workloads import Conv4Spec, adaptation_impls, random_batch
+
+    episodes_n = 4 if quick else 600
+    spec = Conv4Spec(meta_batch=episodes_n, hidden=8 if quick else 64)
+    batch = random_batch(spec)
+    episodes = [batch.task(i) for i in range(episodes_n)]
+    impls = adaptation_impls(episodes, steps=2 if quick else 10, hidden=spec.hidden)
+    runs = 1 if quick else 5
+    rates = time_rates(impls, units=1, runs=runs, warmup=0)  # passes/s; seconds = 1/rate
+    seconds = {name: sorted(1 / r for r in rs) for name, rs in rates.items()}
+    return {
+        "unit": "seconds",
+        "episodes": episodes_n,
+        "seconds": {
+            n: {"median": statistics.median(s), "runs": len(s)} for n, s in seconds.items()
+        },
+    }
+
+
+def worker_sampling(quick: bool) -> dict[str, Any]:
+    """(e) EpisodeSampler.batch for (b)'s episodes: tasks/s."""
+    from metaml.data import load
+    from metaml.tasks import EpisodeSampler
+
+    root = os.environ.get("METAML_OMNIGLOT", "/work/shared/data/omniglot")
+    source = "omniglot-small"
+    try:
+        ds = load("omniglot-small", root=root)
+    except Exception:
+        from metaml.data import ClassDataset
+
+        images = torch.randint(0, 255, (200 * 20, 1, 28, 28), dtype=torch.uint8)
+        ds = ClassDataset(images, torch.arange(4000) // 20, [f"c{i}" for i in range(200)])
+        source = "synthetic (no omniglot-small)"
+    sampler = EpisodeSampler(
+        ds,
+        ways=5,
+        shots=1,
+        queries=15,
+        meta_batch_size=16,
+        seed=0,
+        rotations=True,  # type: ignore[arg-type]
+    )
+    counter = iter(range(10**9))
+    runs, iters = (2, 1) if quick else (7, 20)
+    rates = time_rates({"sampler": lambda: sampler.batch(next(counter))}, 16, runs, 1, iters)
+    return {"unit": "tasks/s", "rates": _summary(rates), "source": source}
+
+
+def run_worker(name: str, quick: bool, impl: str | None) -> dict[str, Any]:
+    """Dispatch a worker by workload name (one thread in quick mode: a smoke test on a busy box)."""
+    threads = set_threads(name, 1 if quick else None)
+    start = time.perf_counter()
+    if impl is not None:
+        result = worker_rss(name, impl, quick)
+    elif name == "peak":
+        result = worker_peak(quick)
+    elif name == "sinusoid":
+        result = worker_sinusoid(quick)
+    elif name.startswith("conv4-"):
+        result = worker_conv4(name, quick)
+    elif name == "protonet":
+        result = worker_protonet(quick)
+    elif name == "adapt":
+        result = worker_adapt(quick)
+    elif name == "sampling":
+        result = worker_sampling(quick)
+    else:
+        raise SystemExit(f"unknown workload {name!r}")
+    result.update(
+        workload=name,
+        threads=threads,
+        peak_rss_mb=result.get("peak_rss_mb", peak_rss_mb()),
+        wall_s=time.perf_counter() - start,
+    )
+    return result
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
+WORKLOADS = ["peak", "sinusoid", *CONV4, "protonet", "adapt", "sampling"]
+RSS_IMPLS = ["metaml-loop", "metaml-vmap", "higher", "plain"]
+
+
+def spawn(name: str, quick: bool, impl: str | None = None) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter and return its JSON result."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--worker", name]
+    cmd += ["--quick"] if quick else []
+    cmd += ["--impl", impl] if impl else []
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {name} {impl or ''} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_suite(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every workload (or ``only`` those) and return the collected results.
+
+    Example:
+        >>> # results = run_suite(quick=True); results["workloads"]["sinusoid"]["rates"]
+    """
+    names = [w for w in WORKLOADS if only is None or w in only]
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": quick,
+        "load_before": os.getloadavg()[0],
+        "workloads": {},
+        "rss": {},
+    }
+    for name in names:
+        print(f"[benchmarks.run] {name} ...", file=sys.stderr, flush=True)
+        out["workloads"][name] = spawn(name, quick)
+    if only is None or "rss" in only:
+        for impl in RSS_IMPLS:
+            print(f"[benchmarks.run] rss conv4-5-so {impl} ...", file=sys.stderr, flush=True)
+            out["rss"][impl] = spawn("conv4-5-so", quick, impl)
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def _best_metaml(rates: dict[str, dict[str, float]], precision: str = "") -> tuple[str, float]:
+    cands = {
+        n: r["median"]
+        for n, r in rates.items()
+        if n.startswith("metaml") and n.endswith("bf16") == (precision == "bf16")
+    }
+    name = max(cands, key=lambda n: cands[n])
+    return name, cands[name]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown section for RESULTS.md (also printed)."""
+    w = results["workloads"]
+    peak = w.get("peak", {})
+    fp32, bf16 = peak.get("fp32_gflops", float("nan")), peak.get("bf16_gflops", float("nan"))
+    lines = [
+        f"Machine: {results['machine']}; {results['date']}; 1-minute load "
+        f"{results['load_before']:.2f} before, {results['load_after']:.2f} after"
+        + (" (quick mode: tiny sizes, not a measurement)" if results["quick"] else "")
+        + ".",
+        "",
+        f"Matmul peak (n={peak.get('n')}): fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s.",
+        "",
+        "| workload | threads | metaml | higher | plain loop | learn2learn | metaml / higher "
+        "| metaml / plain | GFLOP/s | of fp32 peak | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ["sinusoid", *CONV4]:
+        if name not in w:
+            continue
+        r = w[name]["rates"]
+        best, value = _best_metaml(r)
+        hi, pl = r["higher"]["median"], r["plain"]["median"]
+        l2l = r.get("learn2learn", {}).get("median")
+        gflops = frac = ""
+        if "flops_per_task" in w[name]:
+            g = value * w[name]["flops_per_task"] / 1e9
+            gflops, frac = f"{g:.1f}", f"{g / fp32:.0%}"
+        lines.append(
+            f"| {name} ({w[name]['unit']}) | {w[name]['threads']} | {value:.2f} ({best}) | "
+            f"{hi:.2f} | {pl:.2f} | {'' if l2l is None else f'{l2l:.2f}'} | {value / hi:.2f}x | "
+            f"{value / pl:.2f}x | {gflops} | {frac} | {w[name]['peak_rss_mb']:.0f} |"
+        )
+        if any(n.endswith("bf16") for n in r):
+            bname, bvalue = _best_metaml(r, "bf16")
+            lines.append(
+                f"| {name} bf16 autocast | {w[name]['threads']} | {bvalue:.2f} ({bname}) | | | | "
+                f"{bvalue / hi:.2f}x | {bvalue / pl:.2f}x | "
+                f"{bvalue * w[name]['flops_per_task'] / 1e9:.1f} | | |"
+            )
+    if "protonet" in w:
+        p = w["protonet"]
+        rate = p["rates"]["metaml"]["median"]
+        g = rate * p["flops_per_episode"] / 1e9
+        lines.append(
+            f"| protonet 20w1s (episodes/s) | {p['threads']} | {rate:.2f} | | | | | | "
+            f"{g:.1f} | {g / fp32:.0%} | {p['peak_rss_mb']:.0f} |"
+        )
+    if "adapt" in w:
+        a = w["adapt"]
+        s = a["seconds"]
+        lines.append(
+            f"| adapt {a['episodes']} episodes x 10 steps (seconds, lower is better) | "
+            f"{a['threads']} | {s['metaml']['median']:.1f} (per episode); "
+            f"{s['metaml-batched']['median']:.1f} (batched) | {s['higher']['median']:.1f} | "
+            f"{s['plain']['median']:.1f} | | "
+            f"{s['higher']['median'] / s['metaml-batched']['median']:.2f}x faster | "
+            f"{s['plain']['median'] / s['metaml-batched']['median']:.2f}x faster | | | "
+            f"{a['peak_rss_mb']:.0f} |"
+        )
+    lines.append("")
+    if "sampling" in w and "conv4-1-so" in w:
+        sample = w["sampling"]["rates"]["sampler"]["median"]
+        _, consume = _best_metaml(w["conv4-1-so"]["rates"])
+        lines.append(
+            f"Sampling (e): {sample:.0f} tasks/s ({w['sampling']['source']}, rotations, one "
+            f"thread) against {consume:.1f} tasks/s consumed by (b) 1-step second order: "
+            f"{sample / consume:.0f}x."
+        )
+    if results["rss"]:
+        rss = results["rss"]
+        cells = ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in rss.items())
+        lines.append(
+            f"Peak RSS of 5-step second-order conv4 MAML, each alone in a fresh process (MiB): "
+            f"{cells}; metaml-loop / higher "
+            f"{rss['metaml-loop']['peak_rss_mb'] / rss['higher']['peak_rss_mb']:.2f}x."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line entry: run the suite (or one worker) and record the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 runs, no record")
+    parser.add_argument("--only", default=None, help="comma-separated workloads (and 'rss')")
+    parser.add_argument("--record", action="store_true", help="append to RESULTS.md in --quick")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = run_worker(args.worker, args.quick, args.impl)
+        print(json.dumps(result))
+        return result
+    only = args.only.split(",") if args.only else None
+    results = run_suite(args.quick, only)
+    text = render(results)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+    if (args.record or not args.quick) and not args.no_record:
+        with RESULTS.open("a", encoding="utf-8") as fh:
+            fh.write(f"\n## Speed suite ({results['date']})\n\n{text}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
