@@ -191,7 +191,17 @@ class _BatchStatsMixin(nn.modules.batchnorm._BatchNorm):
         if self.running_mean is not None:
             return super().forward(x)
         self._check_input_dim(x)
+        if not _under_vmap():  # the native kernel is faster and correct outside vmap
+            return nn.functional.batch_norm(
+                x, None, None, self.weight, self.bias, True, 0.0, self.eps
+            )
         return batch_norm_batch_stats(x, self.weight, self.bias, self.eps)
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` transform is active (at any level)."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
 
 
 class BatchNorm1d(_BatchStatsMixin, nn.BatchNorm1d):
