@@ -70,7 +70,7 @@ def test_eight_processes_adding_at_once_lose_nothing(tmp_path: Path) -> None:
             env=_env(),
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for w in range(workers)
     ]
     for p in procs:

@@ -118,9 +118,10 @@ def test_spec_round_trip_and_bad_input() -> None:
 
 def test_same_group_tasks_are_nearer_on_glyphs() -> None:
     """Tasks of one script are nearer each other than tasks of others (the retrieval benchmark, small)."""
-    from metaml.data import load
+    from metaml.data import ClassDataset, load
 
     ds = load("glyphs")
+    assert isinstance(ds, ClassDataset)
     groups = np.asarray(ds.class_groups)
     names, sizes = np.unique(groups, return_counts=True)
     chosen = names[np.argsort(-sizes, kind="stable")[:6]]  # the 6 largest scripts
