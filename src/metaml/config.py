@@ -147,6 +147,10 @@ class TrainConfig(_Strict):
     val_tasks: int = Field(100, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: meta_loss under torch.autocast(bfloat16); weights and Adam stay fp32",
+    )
 
 
 class EvalConfig(_Strict):

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from metaml.algorithms.base import MetaLearner, Predictor, TaskType, task_score
 from metaml.errors import UserError
@@ -99,6 +100,7 @@ class GradientBasedLearner(MetaLearner):
         per_step_bn: bool = False,
         vectorize: Vectorize = "auto",
         first_order: bool = False,
+        low_memory: bool = False,
     ) -> None:
         super().__init__()
         _check_args(task_type, inner_lr, inner_steps, test_inner_steps)
@@ -110,6 +112,7 @@ class GradientBasedLearner(MetaLearner):
         self.learn_inner_lr = learn_inner_lr
         self.per_step_bn = per_step_bn
         self.first_order = first_order
+        self.low_memory = low_memory
         self.chooser = VectorizeChooser(vectorize, can_vmap=vmap_safe(model))
         self.bn_steps = self._make_bn_steps() if per_step_bn else nn.ParameterDict()
         self.inner_lrs = self._make_inner_lrs()
@@ -210,6 +213,8 @@ class GradientBasedLearner(MetaLearner):
             >>> learner.meta_loss(b)[0].shape
             torch.Size([])
         """
+        if self.low_memory and torch.is_grad_enabled():
+            return self._meta_loss_low_memory(batch)
         mode = self.chooser.next_mode()
         tensors = [batch.support_x, batch.support_y, batch.query_x, batch.query_y]
         losses, outputs = map_tasks(self._task, tensors, mode)  # (B,), (B, Q, outputs)
@@ -217,6 +222,42 @@ class GradientBasedLearner(MetaLearner):
         metric = "acc" if self.task_type == "classification" else "mse"
         score = task_score(self.task_type, outputs.flatten(0, 1), batch.query_y.flatten(0, 1))
         return loss, {"loss": loss.item(), metric: score}
+
+    def _meta_loss_low_memory(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+        """``meta_loss`` with one task's graph alive at a time (``low_memory=True``).
+
+        Each task's meta-gradient is computed right away with ``torch.autograd.grad`` and its
+        graph freed; the query forward pass is recomputed in that backward pass instead of
+        stored (``torch.utils.checkpoint``). The returned loss has the mean query loss as its
+        value and, as its gradient with respect to the learner's parameters, the summed
+        per-task meta-gradients: ``loss.backward()`` in the trainer gives exactly the
+        meta-gradient of the ordinary path (inputs get no gradient).
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        tasks = len(batch)
+        sums: list[Tensor] = [torch.zeros_like(p) for p in params]
+        losses, outputs = [], []
+        for i in range(tasks):
+            sx, sy = batch.support_x[i], batch.support_y[i]
+            qx, qy = batch.query_x[i], batch.query_y[i]
+            fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
+            out = checkpoint(
+                self._predict, fast, self._embed(qx), self.inner_steps, use_reentrant=False
+            )
+            loss = task_loss(self.task_type, out, qy)
+            grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
+            for total, g in zip(sums, grads, strict=True):
+                if g is not None:
+                    total.add_(g)
+            losses.append(loss.detach())
+            outputs.append(out.detach())
+        value = torch.stack(losses).mean()
+        # value + (Σ p·g − Σ p·g detached): the value is exact, and d/dp is g.
+        linear = sum(((p * g).sum() for p, g in zip(params, sums, strict=True)), torch.zeros(()))
+        loss = value + (linear - linear.detach())
+        metric = "acc" if self.task_type == "classification" else "mse"
+        score = task_score(self.task_type, torch.cat(outputs), batch.query_y.flatten(0, 1))
+        return loss, {"loss": value.item(), metric: score}
 
     @property
     def vectorize_choice(self) -> str | None:

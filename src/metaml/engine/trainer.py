@@ -4,7 +4,7 @@ One step, in order::
 
     batch = train_sampler.batch(step).to(device)     # step = updates done so far
     loss, metrics = learner.meta_loss(batch)        # NaN/inf here -> TrainingDiverged
-    loss.backward(); clip; set lr; optimizer.step()
+    loss.backward(); clip; set lr; optimizer.step()  # meta_loss under bf16 autocast if asked
     step += 1
     log every log_every, validate every val_every (and at train.steps), checkpoint every
     checkpoint_every (and when fit returns)
@@ -268,7 +268,10 @@ class Trainer:
     def _train_step(self) -> dict[str, float]:
         """One meta-update on batch ``self.step``; returns the learner's metrics plus loss/lr."""
         batch = self.train_sampler.batch(self.step).to(self.device)
-        loss, metrics = self.learner.meta_loss(batch)
+        # bf16: matmuls and convolutions in bfloat16 (forward and backward), weights, optimizer
+        # state and the loss in float32. Only worth it where the CPU or GPU has bf16 units.
+        with torch.autocast(self.device.type, torch.bfloat16, self.config.precision == "bf16"):
+            loss, metrics = self.learner.meta_loss(batch)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise self._diverged("loss", loss_value)

@@ -1,0 +1,86 @@
+"""The speed options keep MAML's meta-gradients: low-memory mode and bf16 autocast training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
+from metaml.nn import create_backbone
+from metaml.tasks import TaskBatch
+
+
+def _batch(tasks: int = 3) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    return TaskBatch(
+        torch.randn(tasks, 5, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 1),
+        torch.randn(tasks, 10, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 2),
+    )
+
+
+def _grads(learner: torch.nn.Module, batch: TaskBatch) -> tuple[float, list[torch.Tensor]]:
+    learner.zero_grad()
+    loss, metrics = learner.meta_loss(batch)  # type: ignore[operator]
+    loss.backward()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    # An unused parameter (model BatchNorm under per_step_bn) has no gradient: count it as 0.
+    return metrics["loss"], [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (MAML, {"inner_steps": 2}),
+        (MAML, {"inner_steps": 2, "first_order": True}),
+        (MAML, {"inner_steps": 2, "per_step_bn": True, "learn_inner_lr": True}),
+        (MetaSGD, {"inner_steps": 1}),
+        (ANIL, {"inner_steps": 2}),
+    ],
+)
+def test_low_memory_gives_the_same_meta_gradient(cls: type, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    reference = cls(net, inner_lr=0.4, vectorize="loop", **kwargs).double()
+    torch.manual_seed(0)
+    net2 = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    low = cls(net2, inner_lr=0.4, vectorize="loop", low_memory=True, **kwargs).double()
+    low.load_state_dict(reference.state_dict())
+    batch = _batch()
+    loss_ref, ref = _grads(reference, batch)
+    loss_low, got = _grads(low, batch)
+    assert loss_low == pytest.approx(loss_ref, rel=1e-12)
+    assert len(ref) == len(got)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_low_memory_off_the_training_path_is_the_ordinary_loss() -> None:
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    learner = MAML(net, inner_lr=0.4, low_memory=True, vectorize="loop")
+    with torch.no_grad():
+        loss, metrics = learner.meta_loss(_batch(2))
+    assert not loss.requires_grad and set(metrics) == {"loss", "acc"}
+
+
+def test_trainer_precision_bf16_runs_meta_loss_under_autocast(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from metaml.config import TrainConfig
+    from metaml.data import Sinusoid
+    from metaml.engine.trainer import Trainer
+    from metaml.tasks import EpisodeSampler
+
+    seen = []
+
+    class Recording(MAML):
+        def meta_loss(self, batch: TaskBatch):  # type: ignore[no-untyped-def]
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+            return super().meta_loss(batch)
+
+    sampler = EpisodeSampler(Sinusoid(), shots=5, queries=5, meta_batch_size=2)
+    learner = Recording(create_backbone("mlp"), task_type="regression", vectorize="loop")
+    config = TrainConfig(steps=2, precision="bf16", log_every=1, checkpoint_every=2)
+    summary = Trainer(learner, sampler, None, config, tmp_path / "run", quiet=True).fit()
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert summary["step"] == 2 and summary["loss"] is not None
+    assert all(p.dtype == torch.float32 for p in learner.parameters())
