@@ -50,3 +50,22 @@ def test_run_loads_and_predicts_after_its_data_is_gone(tmp_path: Path) -> None:
     predictions = predict_folder(run_dir, tmp_path / "support", tmp_path / "query", device="cpu")
     assert [p.file for p in predictions] == ["0.png", "1.png", "2.png"]
     assert all(p.label in ("a", "b") and 0.5 <= p.probability <= 1.0 for p in predictions)
+
+
+def test_train_queries_shape_only_the_training_episodes(tmp_path: Path) -> None:
+    data = _npz_dataset(tmp_path / "d.npz", classes=12, per_class=8)
+    cfg = load_config(
+        None,
+        [
+            f"data.dataset=npz:{data}",
+            "data.split_by=class",
+            "data.split_fractions=[0.5, 0.25, 0.25]",
+            "data.ways=2",
+            "data.queries=5",
+            "data.train_queries=2",
+        ],
+    )
+    samplers = runs.build_samplers(cfg)
+    assert samplers.train.episode(0).query_x.shape[0] == 2 * 2
+    assert samplers.val.episode(0).query_x.shape[0] == 2 * 5
+    assert samplers.test.episode(0).query_x.shape[0] == 2 * 5

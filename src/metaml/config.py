@@ -35,6 +35,9 @@ class DataConfig(_Strict):
     train_ways: int | None = Field(None, ge=1, description="ways during meta-training (ProtoNet)")
     shots: int = Field(1, ge=1)
     queries: int = Field(15, ge=1)
+    train_queries: int | None = Field(
+        None, ge=1, description="queries per class during meta-training (default: queries)"
+    )
     meta_batch_size: int = Field(4, ge=1)
     rotations: bool = False
     within_group: bool = False

@@ -75,15 +75,27 @@ def build_samplers(
         splits = source.split(d.split_by, d.split_fractions, d.split_seed)
 
     def sampler(
-        split: int, ways: int, shots: int, seed: int, meta_batch_size: int = 1
+        split: int,
+        ways: int,
+        shots: int,
+        seed: int,
+        meta_batch_size: int = 1,
+        queries: int = d.queries,
     ) -> EpisodeSampler:
         return EpisodeSampler(
-            splits[split], ways=ways, shots=shots, queries=d.queries, meta_batch_size=meta_batch_size,
+            splits[split], ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
             seed=seed, within_group=d.within_group, rotations=d.rotations,
         )  # fmt: skip
 
     return RunData(
-        train=sampler(0, d.train_ways or d.ways, d.shots, cfg.seed, d.meta_batch_size),
+        train=sampler(
+            0,
+            d.train_ways or d.ways,
+            d.shots,
+            cfg.seed,
+            d.meta_batch_size,
+            d.train_queries or d.queries,
+        ),
         val=sampler(1, d.ways, d.shots, cfg.seed + 1),
         test=sampler(2, eval_ways or d.ways, eval_shots or d.shots, cfg.eval.seed),
         preprocess=image_preprocessing(source) if isinstance(source, ClassDataset) else None,
