@@ -15,6 +15,7 @@ import typer
 
 from metaml import __version__
 from metaml.errors import UserError
+from metaml.kb.cli import kb_app
 
 app = typer.Typer(
     name="metaml",
@@ -28,6 +29,7 @@ datasets_app = typer.Typer(
     help="List the known datasets or describe one.\n\nExample: metaml datasets show omniglot-small"
 )
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(kb_app, name="kb")
 
 SetOption = Annotated[
     list[str] | None,

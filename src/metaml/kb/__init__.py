@@ -1,5 +1,7 @@
 """The knowledge base of trained models, found again by task similarity (see :mod:`.store`).
 
+Names are imported lazily, so that ``metaml --help`` (which registers ``metaml kb``) stays fast.
+
 Example:
     >>> import tempfile, numpy as np
     >>> kb = KnowledgeBase(tempfile.mkdtemp(), create=True)
@@ -9,6 +11,29 @@ Example:
 
 from __future__ import annotations
 
-from metaml.kb.store import SCHEMA_VERSION, Entry, KnowledgeBase, Neighbor, Problem
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SCHEMA_VERSION", "Entry", "KnowledgeBase", "Neighbor", "Problem"]
+if TYPE_CHECKING:
+    from metaml.kb.store import SCHEMA_VERSION, Entry, KnowledgeBase, Neighbor, Problem
+    from metaml.kb.warmstart import WarmStart
+
+_EXPORTS = {
+    "SCHEMA_VERSION": "metaml.kb.store",
+    "Entry": "metaml.kb.store",
+    "KnowledgeBase": "metaml.kb.store",
+    "Neighbor": "metaml.kb.store",
+    "Problem": "metaml.kb.store",
+    "WarmStart": "metaml.kb.warmstart",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'metaml.kb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["SCHEMA_VERSION", "Entry", "KnowledgeBase", "Neighbor", "Problem", "WarmStart"]
