@@ -188,7 +188,10 @@ def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
 
     spec = _conv4_spec(name, quick)
     batch = random_batch(spec)
-    impls = conv4_impls(spec, batch)
+    # bf16 and vmap (both measured slower here) only where one step keeps them affordable,
+    # low-memory where memory matters (5 steps, second order).
+    one_step = spec.steps == 1
+    impls = conv4_impls(spec, batch, bf16=one_step, vmap=one_step, low_memory=name == "conv4-5-so")
     # FLOPs of one meta-iteration, counted on a separate plain-loop instance (same arithmetic).
     from benchmarks.speed_workloads import conv4_model
 
@@ -235,7 +238,9 @@ def worker_adapt(quick: bool) -> dict[str, Any]:
     """(d) test-time adaptation of 600 5-way 1-shot episodes, 10 steps: seconds."""
     from benchmarks.speed_workloads import Conv4Spec, adaptation_impls, random_batch
 
-    episodes_n = 4 if quick else 600
+    # 600 episodes take about a minute per pass and implementation here: each timed run adapts
+    # to 60 of them and the figure is scaled to 600 (seconds grow linearly with episodes).
+    episodes_n = 4 if quick else 60
     spec = Conv4Spec(meta_batch=episodes_n, hidden=8 if quick else 64)
     batch = random_batch(spec)
     episodes = [batch.task(i) for i in range(episodes_n)]
@@ -243,9 +248,12 @@ def worker_adapt(quick: bool) -> dict[str, Any]:
     runs = 1 if quick else 5
     rates = time_rates(impls, units=1, runs=runs, warmup=0)  # passes/s; seconds = 1/rate
     seconds = {name: sorted(1 / r for r in rs) for name, rs in rates.items()}
+    scale = 600 / episodes_n
+    seconds = {name: [x * scale for x in s] for name, s in seconds.items()}
     return {
-        "unit": "seconds",
-        "episodes": episodes_n,
+        "unit": "seconds for 600 episodes",
+        "episodes": 600,
+        "episodes_timed": episodes_n,
         "seconds": {
             n: {"median": statistics.median(s), "runs": len(s)} for n, s in seconds.items()
         },
@@ -282,9 +290,11 @@ def worker_sampling(quick: bool) -> dict[str, Any]:
     return {"unit": "tasks/s", "rates": _summary(rates), "source": source}
 
 
-def run_worker(name: str, quick: bool, impl: str | None) -> dict[str, Any]:
+def run_worker(
+    name: str, quick: bool, impl: str | None, threads_override: int | None = None
+) -> dict[str, Any]:
     """Dispatch a worker by workload name (one thread in quick mode: a smoke test on a busy box)."""
-    threads = set_threads(name, 1 if quick else None)
+    threads = set_threads(name, 1 if quick else threads_override)
     start = time.perf_counter()
     if impl is not None:
         result = worker_rss(name, impl, quick)
@@ -315,13 +325,16 @@ def run_worker(name: str, quick: bool, impl: str | None) -> dict[str, Any]:
 
 CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
 WORKLOADS = ["peak", "sinusoid", *CONV4, "protonet", "adapt", "sampling"]
-RSS_IMPLS = ["metaml-loop", "metaml-vmap", "higher", "plain"]
+RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "metaml-vmap", "higher", "plain"]
 
 
-def spawn(name: str, quick: bool, impl: str | None = None) -> dict[str, Any]:
+def spawn(
+    name: str, quick: bool, impl: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Run one worker in a fresh interpreter and return its JSON result."""
     cmd = [sys.executable, "-m", "benchmarks.run", "--worker", name]
     cmd += ["--quick"] if quick else []
+    cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--impl", impl] if impl else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -330,7 +343,9 @@ def spawn(name: str, quick: bool, impl: str | None = None) -> dict[str, Any]:
     return result
 
 
-def run_suite(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+def run_suite(
+    quick: bool, only: list[str] | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Run every workload (or ``only`` those) and return the collected results.
 
     Example:
@@ -347,11 +362,11 @@ def run_suite(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     }
     for name in names:
         print(f"[benchmarks.run] {name} ...", file=sys.stderr, flush=True)
-        out["workloads"][name] = spawn(name, quick)
+        out["workloads"][name] = spawn(name, quick, threads=threads)
     if only is None or "rss" in only:
         for impl in RSS_IMPLS:
             print(f"[benchmarks.run] rss conv4-5-so {impl} ...", file=sys.stderr, flush=True)
-            out["rss"][impl] = spawn("conv4-5-so", quick, impl)
+            out["rss"][impl] = spawn("conv4-5-so", quick, impl, threads=threads)
     out["load_after"] = os.getloadavg()[0]
     return out
 
@@ -418,7 +433,8 @@ def render(results: dict[str, Any]) -> str:
         a = w["adapt"]
         s = a["seconds"]
         lines.append(
-            f"| adapt {a['episodes']} episodes x 10 steps (seconds, lower is better) | "
+            f"| adapt 600 episodes x 10 steps (seconds, lower is better; timed on "
+            f"{a['episodes_timed']}, scaled) | "
             f"{a['threads']} | {s['metaml']['median']:.1f} (per episode); "
             f"{s['metaml-batched']['median']:.1f} (batched) | {s['higher']['median']:.1f} | "
             f"{s['plain']['median']:.1f} | | "
@@ -440,8 +456,11 @@ def render(results: dict[str, Any]) -> str:
         cells = ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in rss.items())
         lines.append(
             f"Peak RSS of 5-step second-order conv4 MAML, each alone in a fresh process (MiB): "
-            f"{cells}; metaml-loop / higher "
-            f"{rss['metaml-loop']['peak_rss_mb'] / rss['higher']['peak_rss_mb']:.2f}x."
+            f"{cells}; metaml-lowmem / higher "
+            f"{rss['metaml-lowmem']['peak_rss_mb'] / rss['higher']['peak_rss_mb']:.2f}x; above "
+            f"the process's RSS before the first iteration: "
+            + ", ".join(f"{k} {v['peak_rss_mb'] - v['rss_before_mb']:.0f}" for k, v in rss.items())
+            + "."
         )
     return "\n".join(lines) + "\n"
 
@@ -454,15 +473,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md in --quick")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = run_worker(args.worker, args.quick, args.impl)
+        result = run_worker(args.worker, args.quick, args.impl, args.threads)
         print(json.dumps(result))
         return result
     only = args.only.split(",") if args.only else None
-    results = run_suite(args.quick, only)
+    results = run_suite(args.quick, only, args.threads)
     text = render(results)
     print(text)
     if args.json:

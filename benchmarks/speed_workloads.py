@@ -125,11 +125,12 @@ def metaml_maml(
     vectorize: str,
     precision: str = "fp32",
     channels_last: bool = False,
+    low_memory: bool = False,
 ) -> Step:
     """One metaml meta-iteration: ``meta_loss``, ``backward``, Adam."""
     learner = MAML(
         model, task_type=task_type, inner_lr=inner_lr, inner_steps=steps,  # type: ignore[arg-type]
-        first_order=first_order, vectorize=vectorize,  # type: ignore[arg-type]
+        first_order=first_order, vectorize=vectorize, low_memory=low_memory,  # type: ignore[arg-type]
     )  # fmt: skip
     if channels_last:
         learner.to(memory_format=torch.channels_last)
@@ -261,16 +262,23 @@ def learn2learn_available() -> bool:
     return True
 
 
-def conv4_impls(spec: Conv4Spec, batch: TaskBatch, bf16: bool = True) -> dict[str, Step]:
+def conv4_impls(
+    spec: Conv4Spec, batch: TaskBatch, bf16: bool = True, vmap: bool = True, low_memory: bool = True
+) -> dict[str, Step]:
     """All implementations of one conv4 MAML setting, each on its own copy of one model."""
     base = conv4_model(spec)
     args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
     impls: dict[str, Step] = {
         "metaml-loop": metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop"),
-        "metaml-vmap": metaml_maml(copy.deepcopy(base), batch, *args, vectorize="vmap"),
         "higher": higher_maml(torch_batchnorm(copy.deepcopy(base)), batch, *args),
         "plain": plain_maml(copy.deepcopy(base), batch, *args, forward=conv4_forward),
     }
+    if vmap:
+        impls["metaml-vmap"] = metaml_maml(copy.deepcopy(base), batch, *args, vectorize="vmap")
+    if low_memory:
+        impls["metaml-lowmem"] = metaml_maml(
+            copy.deepcopy(base), batch, *args, vectorize="loop", low_memory=True
+        )
     if bf16:
         impls["metaml-loop-bf16"] = metaml_maml(
             copy.deepcopy(base), batch, *args, vectorize="loop", precision="bf16"

@@ -1,0 +1,56 @@
+"""The speed suite: its quick mode runs end to end and its FLOP counting matches a hand count.
+
+No timing is asserted anywhere: only the structure of the results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaml.nn import create_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package beside src/, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import conv4_forward_flops, count_flops, render  # noqa: E402
+
+
+def test_flop_counter_matches_the_hand_count_of_conv4() -> None:
+    net = create_backbone("conv4", in_shape=(1, 28, 28), num_outputs=5, hidden=64)
+    x = torch.randn(7, 1, 28, 28)
+    assert count_flops(lambda: net(x)) == conv4_forward_flops(7, ways=5)
+    # The backward pass of a convolution costs twice its forward (input and weight gradients);
+    # the first layer's input needs no gradient, so its backward costs once its forward.
+    first = 2 * 9 * 1 * 64 * 28 * 28 * 7
+    counted = count_flops(lambda: net(x).sum().backward())
+    assert counted == 3 * conv4_forward_flops(7, ways=5) - first
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    w = results["workloads"]
+    assert set(w) == {"peak", "sinusoid", "conv4-1-so", "conv4-5-so", "conv4-1-fo",
+                      "conv4-5-fo", "protonet", "adapt", "sampling"}  # fmt: skip
+    for name in ["sinusoid", "conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]:
+        assert {"metaml-loop", "higher", "plain"} <= set(w[name]["rates"]), name
+        assert all(r["median"] > 0 and r["runs"] >= 1 for r in w[name]["rates"].values())
+    assert w["conv4-1-so"]["flops_per_task"] > 0 and w["peak"]["fp32_gflops"] > 0
+    assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "metaml-vmap", "higher", "plain"}
+    assert all(r["peak_rss_mb"] > 0 for r in results["rss"].values())
+    table = render(results)
+    assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
+    assert done.stdout.count("| conv4-") >= 4  # the table was printed
