@@ -576,20 +576,19 @@ class KnowledgeBase:
 
     def _matrix(self) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
         """``(key, ids (n,), vectors (n, dim) float32)``, cached until entries change."""
-        count, top = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM entries"
-        ).fetchone()
-        # Ids are never reused (AUTOINCREMENT): an add raises MAX(id), a remove lowers COUNT.
-        key = (int(count), int(top))
+        # data_version changes when another connection commits; total_changes counts this
+        # connection's own row changes: together they change whenever the entries may have.
+        version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        key = (version, self._conn.total_changes)
         if self._cache is None or self._cache[0] != key:
             rows = self._conn.execute(
                 "SELECT id, representation FROM entries ORDER BY id"
             ).fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             dim = self._setting("dim") or 0
-            matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(
-                len(rows), dim
-            )
+            # A native-order, aligned copy: numpy hands only aligned arrays to BLAS (10x faster).
+            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+            matrix = np.ascontiguousarray(flat.astype(np.float32)).reshape(len(rows), dim)
             self._cache = (key, ids, matrix)
         return self._cache
 
