@@ -309,7 +309,7 @@ def demo(
     ),
     steps: Annotated[
         int | None,
-        typer.Option(help="ProtoNet meta-training steps (MAML gets a fifth); default 1000."),
+        typer.Option(help="ProtoNet meta-training steps (MAML gets a sixth); default 600."),
     ] = None,
     episodes: Annotated[int, typer.Option(help="Test episodes for each figure.")] = 600,
     omniglot: Annotated[

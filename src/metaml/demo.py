@@ -19,12 +19,12 @@ from metaml.evaluate import Result, compare, evaluate
 from metaml.io import atomic_write_json
 from metaml.report import resolve_test_steps, save_eval, write_report
 
-PROTONET_STEPS = 1000
+PROTONET_STEPS = 600
 SHOTS = (1, 5)
 
 
 def demo_configs(steps: int, device: str) -> list[RunConfig]:
-    """The demo's two runs on glyphs: ProtoNet (``steps`` steps) and MAML (``steps // 5``).
+    """The demo's two runs on glyphs: ProtoNet (``steps`` steps) and MAML (``steps // 6``).
 
     Example:
         >>> [c.algorithm.name for c in demo_configs(100, "cpu")]
@@ -44,7 +44,7 @@ def demo_configs(steps: int, device: str) -> list[RunConfig]:
         "algorithm": {"name": "protonet"},
         "train": _schedule(steps),
     }
-    maml_steps = max(steps // 5, 1)
+    maml_steps = max(steps // 6, 1)
     maml = {
         **common,
         "name": "demo-maml-glyphs",
