@@ -111,3 +111,11 @@ def test_preprocessor_imputes_encodes_and_scales() -> None:
     new = task.X.iloc[:1].copy()
     new["cat"] = "zzz"
     assert pre.transform(new)[0, 1:3].tolist() == [0.0, 0.0]
+
+
+def test_float_labels_become_classes() -> None:
+    whole = from_dataframe(pd.DataFrame({"x": [1, 2, 3], "t": [0.0, 1.0, 0.0]}), target="t")
+    assert whole.y.dtype.kind == "i"
+    assert whole.y.tolist() == [0, 1, 0]
+    halves = from_dataframe(pd.DataFrame({"x": [1, 2, 3], "t": [0.5, 1.5, 0.5]}), target="t")
+    assert halves.y.tolist() == ["0.5", "1.5", "0.5"]

