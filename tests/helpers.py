@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from metaml import runs
 from metaml.cli import main
+from metaml.config import load_config
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -16,3 +21,37 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def synthetic_images(num_classes: int = 20, per_class: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Each class a random 6x6 pattern, each example the pattern plus noise."""
+    rng = np.random.default_rng(0)
+    targets = np.repeat(np.arange(num_classes), per_class)
+    patterns = rng.integers(0, 256, size=(num_classes, 1, 6, 6))
+    noisy = patterns[targets] + rng.normal(0, 25, size=(len(targets), 1, 6, 6))
+    return np.clip(noisy, 0, 255).astype(np.uint8), targets
+
+
+def train_synthetic(root: Path, overrides: list[str]) -> Path:
+    images, labels = synthetic_images()
+    np.savez(root / "data.npz", images=images, labels=labels)
+    cfg = load_config(
+        None,
+        [
+            f"data.dataset=npz:{root / 'data.npz'}",
+            "data.split_by=class",
+            "data.ways=3",
+            "data.shots=2",
+            "data.queries=3",
+            "data.meta_batch_size=2",
+            "model.backbone=mlp",
+            "model.backbone_options={hidden: [16]}",
+            "train.steps=4",
+            "train.val_every=2",
+            "train.val_tasks=3",
+            "train.checkpoint_every=2",
+            "device=cpu",
+            *overrides,
+        ],
+    )
+    return runs.train(cfg, root / "run", quiet=True)

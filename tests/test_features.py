@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, train_synthetic
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
@@ -141,32 +141,7 @@ def test_feature_classifier_rejects_bad_use() -> None:
 @pytest.fixture(scope="module")
 def protonet_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ProtoNet run on a synthetic npz image dataset of 20 classes."""
-    root = tmp_path_factory.mktemp("features-run")
-    rng = np.random.default_rng(0)
-    targets = np.repeat(np.arange(20), 8)
-    patterns = rng.integers(0, 256, size=(20, 1, 6, 6))
-    images = np.clip(patterns[targets] + rng.normal(0, 30, size=(160, 1, 6, 6)), 0, 255)
-    np.savez(root / "data.npz", images=images.astype(np.uint8), labels=targets)
-    cfg = load_config(
-        None,
-        [
-            f"data.dataset=npz:{root / 'data.npz'}",
-            "data.split_by=class",
-            "data.ways=3",
-            "data.shots=2",
-            "data.queries=3",
-            "data.meta_batch_size=2",
-            "model.backbone=mlp",
-            "model.backbone_options={hidden: [16]}",
-            "algorithm.name=protonet",
-            "train.steps=4",
-            "train.val_every=2",
-            "train.val_tasks=3",
-            "train.checkpoint_every=2",
-            "device=cpu",
-        ],
-    )
-    return runs.train(cfg, root / "run", quiet=True)
+    return train_synthetic(tmp_path_factory.mktemp("features-run"), ["algorithm.name=protonet"])
 
 
 def test_cli_eval_with_the_centroid_classifier(
