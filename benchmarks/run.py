@@ -39,10 +39,11 @@ from benchmarks.common import RESULTS, machine
 
 Step = Callable[[], Any]
 
-# The torch thread count of each workload: on this 2-core machine one thread is faster for the
-# small MLP (per-op overhead dominates; a second thread only adds synchronisation) and all cores
-# for conv4 (measured: see docs/speed.md). The matmul peak uses all cores.
-THREADS = {"sinusoid": 1, "conv4": 0, "protonet": 0, "adapt": 0, "sampling": 1, "peak": 0}
+# The torch thread count of each workload (0: all cores). On the shared 2-core machine one
+# thread is faster for the small MLP (per-op overhead dominates; a second thread only adds
+# synchronisation), and for conv4 a second thread that competes with other jobs' processes
+# stalls every parallel op (measured: see docs/speed.md); --threads overrides.
+THREADS = {"sinusoid": 1, "conv4": 1, "protonet": 1, "adapt": 1, "sampling": 1, "peak": 0}
 
 
 def set_threads(workload: str, override: int | None = None) -> int:
@@ -153,13 +154,27 @@ def _summary(rates: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def worker_peak(quick: bool) -> dict[str, Any]:
-    """fp32 and bf16 matmul GFLOP/s."""
+    """fp32 and bf16 matmul GFLOP/s with one thread and with all cores."""
     n, runs = (256, 2) if quick else (2048, 7)
-    return {
-        "fp32_gflops": matmul_peak(torch.float32, n, runs),
-        "bf16_gflops": matmul_peak(torch.bfloat16, n, runs),
-        "n": n,
-    }
+    out: dict[str, Any] = {"n": n}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        out[str(threads)] = {
+            "fp32_gflops": matmul_peak(torch.float32, n, runs),
+            "bf16_gflops": matmul_peak(torch.bfloat16, n, runs),
+        }
+    return out
+
+
+def peak_at(results: dict[str, Any], threads: int, dtype: str = "fp32") -> float:
+    """The measured matmul peak at ``threads`` threads (NaN when not measured).
+
+    Example:
+        >>> peak_at({"workloads": {"peak": {"1": {"fp32_gflops": 50.0}}}}, 1)
+        50.0
+    """
+    peak = results["workloads"].get("peak", {}).get(str(threads), {})
+    return float(peak.get(f"{dtype}_gflops", float("nan")))
 
 
 def worker_sinusoid(quick: bool) -> dict[str, Any]:
@@ -188,10 +203,12 @@ def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
 
     spec = _conv4_spec(name, quick)
     batch = random_batch(spec)
-    # bf16 and vmap (both measured slower here) only where one step keeps them affordable,
-    # low-memory where memory matters (5 steps, second order).
-    one_step = spec.steps == 1
-    impls = conv4_impls(spec, batch, bf16=one_step, vmap=one_step, low_memory=name == "conv4-5-so")
+    # bf16 and vmap (both much slower on this CPU) once each, where they are cheapest, and
+    # low-memory where memory matters (5 steps, second order): the full run fits in ~25 min.
+    impls = conv4_impls(
+        spec, batch, bf16=name == "conv4-1-fo", vmap=name == "conv4-1-so",
+        low_memory=name == "conv4-5-so",
+    )  # fmt: skip
     # FLOPs of one meta-iteration, counted on a separate plain-loop instance (same arithmetic).
     from benchmarks.speed_workloads import conv4_model
 
@@ -239,8 +256,8 @@ def worker_adapt(quick: bool) -> dict[str, Any]:
     from benchmarks.speed_workloads import Conv4Spec, adaptation_impls, random_batch
 
     # 600 episodes take about a minute per pass and implementation here: each timed run adapts
-    # to 60 of them and the figure is scaled to 600 (seconds grow linearly with episodes).
-    episodes_n = 4 if quick else 60
+    # to 30 of them and the figure is scaled to 600 (seconds grow linearly with episodes).
+    episodes_n = 4 if quick else 30
     spec = Conv4Spec(meta_batch=episodes_n, hidden=8 if quick else 64)
     batch = random_batch(spec)
     episodes = [batch.task(i) for i in range(episodes_n)]
@@ -325,7 +342,7 @@ def run_worker(
 
 CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
 WORKLOADS = ["peak", "sinusoid", *CONV4, "protonet", "adapt", "sampling"]
-RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "metaml-vmap", "higher", "plain"]
+RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "higher", "plain"]
 
 
 def spawn(
@@ -384,15 +401,20 @@ def _best_metaml(rates: dict[str, dict[str, float]], precision: str = "") -> tup
 def render(results: dict[str, Any]) -> str:
     """The Markdown section for RESULTS.md (also printed)."""
     w = results["workloads"]
-    peak = w.get("peak", {})
-    fp32, bf16 = peak.get("fp32_gflops", float("nan")), peak.get("bf16_gflops", float("nan"))
+    cores = os.cpu_count() or 1
+    peaks = "; ".join(
+        f"{t} thread{'s' if t > 1 else ''}: fp32 {peak_at(results, t):.1f}, "
+        f"bf16 {peak_at(results, t, 'bf16'):.1f}"
+        for t in sorted({1, cores})
+    )
     lines = [
         f"Machine: {results['machine']}; {results['date']}; 1-minute load "
         f"{results['load_before']:.2f} before, {results['load_after']:.2f} after"
         + (" (quick mode: tiny sizes, not a measurement)" if results["quick"] else "")
         + ".",
         "",
-        f"Matmul peak (n={peak.get('n')}): fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s.",
+        f"Matmul peak (n={w.get('peak', {}).get('n')}, GFLOP/s) at {peaks}. Fractions of peak "
+        "below are against the fp32 peak at the workload's own thread count.",
         "",
         "| workload | threads | metaml | higher | plain loop | learn2learn | metaml / higher "
         "| metaml / plain | GFLOP/s | of fp32 peak | peak RSS MiB |",
@@ -408,7 +430,7 @@ def render(results: dict[str, Any]) -> str:
         gflops = frac = ""
         if "flops_per_task" in w[name]:
             g = value * w[name]["flops_per_task"] / 1e9
-            gflops, frac = f"{g:.1f}", f"{g / fp32:.0%}"
+            gflops, frac = f"{g:.1f}", f"{g / peak_at(results, w[name]['threads']):.0%}"
         lines.append(
             f"| {name} ({w[name]['unit']}) | {w[name]['threads']} | {value:.2f} ({best}) | "
             f"{hi:.2f} | {pl:.2f} | {'' if l2l is None else f'{l2l:.2f}'} | {value / hi:.2f}x | "
@@ -427,7 +449,7 @@ def render(results: dict[str, Any]) -> str:
         g = rate * p["flops_per_episode"] / 1e9
         lines.append(
             f"| protonet 20w1s (episodes/s) | {p['threads']} | {rate:.2f} | | | | | | "
-            f"{g:.1f} | {g / fp32:.0%} | {p['peak_rss_mb']:.0f} |"
+            f"{g:.1f} | {g / peak_at(results, p['threads']):.0%} | {p['peak_rss_mb']:.0f} |"
         )
     if "adapt" in w:
         a = w["adapt"]

@@ -48,8 +48,8 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     for name in ["sinusoid", "conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]:
         assert {"metaml-loop", "higher", "plain"} <= set(w[name]["rates"]), name
         assert all(r["median"] > 0 and r["runs"] >= 1 for r in w[name]["rates"].values())
-    assert w["conv4-1-so"]["flops_per_task"] > 0 and w["peak"]["fp32_gflops"] > 0
-    assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "metaml-vmap", "higher", "plain"}
+    assert w["conv4-1-so"]["flops_per_task"] > 0 and w["peak"]["1"]["fp32_gflops"] > 0
+    assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "higher", "plain"}
     assert all(r["peak_rss_mb"] > 0 for r in results["rss"].values())
     table = render(results)
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table

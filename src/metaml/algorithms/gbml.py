@@ -7,6 +7,11 @@ meta-batch is processed with ``vmap`` or a Python loop (``vectorize``), and the 
 ``loss.backward()`` differentiates through the inner updates (second order unless
 ``first_order=True``).
 
+Memory: ``low_memory=True`` (loop only) computes each task's meta-gradient as soon as its query
+loss is known and frees its graph, and recomputes the query forward pass during that backward
+pass instead of storing it, so one task's graph (without its query activations) is alive at a
+time instead of the whole meta-batch's; the meta-gradient is the same (tested).
+
 BatchNorm: every BatchNorm of the model is switched to batch statistics
 (``track_running_stats=False``), as in the original MAML. In meta-training, the support
 forward passes are normalised with the support set's statistics and the query pass with the query
