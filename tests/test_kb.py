@@ -244,6 +244,9 @@ def test_support_score_is_leave_one_out_by_hand() -> None:
         logits = np.array([-((x[i, 0].item() - p) ** 2) for p in protos])
         expected.append(-(logits[y[i]] - np.log(np.exp(logits).sum())))
     assert support_score(net, x, y) == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    # max_folds=2: the first example of each class is left out in turn (indices 0 and 2)
+    capped = support_score(net, x, y, max_folds=2)
+    assert capped == pytest.approx(float(np.mean([expected[0], expected[2]])), rel=1e-5)
     # 1-shot: no example can be left out; the resubstitution loss is used
     one = support_score(net, x[[0, 1]], torch.tensor([0, 1]))
     logits = np.array([[0.0, -1.0], [-1.0, 0.0]])

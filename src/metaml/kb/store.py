@@ -679,13 +679,15 @@ class KnowledgeBase:
         seed: int = 0,
         metric: Metric = "euclidean",
         device: str = "cpu",
+        max_folds: int | None = None,
     ) -> WarmStart:
         """Choose a stored model to start the new task from; adapt the returned learner as usual.
 
         ``nearest``: the entry nearest the task's representation. ``model-based``: the ``k``
         nearest, each scored on the task's own support set by leave-one-out (see
         :func:`~metaml.kb.warmstart.support_score`), the best kept. ``random``: a uniformly
-        random entry (drawn with ``seed``), the control.
+        random entry (drawn with ``seed``), the control. ``steps``: adaptation steps when
+        scoring; ``max_folds``: at most this many leave-one-out folds per candidate.
 
         Example:
             >>> # ws = kb.warm_start(task, "model-based", k=5); predict = ws.learner.adapt(sx, sy)
@@ -693,8 +695,9 @@ class KnowledgeBase:
         from metaml.kb.warmstart import choose
 
         return choose(
-            self, task, strategy, k=k, steps=steps, seed=seed, metric=metric, device=device
-        )
+            self, task, strategy, k=k, steps=steps, seed=seed, metric=metric, device=device,
+            max_folds=max_folds,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close the database connection."""

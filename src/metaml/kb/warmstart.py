@@ -59,12 +59,18 @@ def _held_out_loss(predictor_logits: Tensor, target: Tensor) -> float:
 
 
 def support_score(
-    learner: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    learner: MetaLearner,
+    support_x: Tensor,
+    support_y: Tensor,
+    steps: int | None = None,
+    max_folds: int | None = None,
 ) -> float:
     """Mean held-out cross-entropy of ``learner`` on a support set (lower is better).
 
     Leave-one-out: for each support example whose class has another example, adapt on the
-    others and score the left-out one. In a 1-shot task no example can be left out without
+    others and score the left-out one; ``max_folds`` caps the number of folds (examples spread
+    over the classes, in support order: the first example of each class, then the second, ...)
+    for large support sets. In a 1-shot task no example can be left out without
     losing its class, so the learner is adapted on the whole support set and scored on it
     (a resubstitution loss: a weaker signal, documented in docs/kb.md).
 
@@ -82,6 +88,10 @@ def support_score(
         )
     counts = torch.bincount(support_y)
     folds = [i for i in range(len(support_y)) if counts[support_y[i]] > 1]
+    if max_folds is not None:
+        # round-robin over classes: the n-th example of every class before any (n+1)-th
+        rank = {i: int((support_y[:i] == support_y[i]).sum()) for i in folds}
+        folds = sorted(folds, key=lambda i: (rank[i], i))[:max_folds]
     if not folds:
         predictor = learner.adapt(support_x, support_y, steps=steps)
         with torch.no_grad():
@@ -105,6 +115,7 @@ def choose(
     seed: int = 0,
     metric: Metric = "euclidean",
     device: str = "cpu",
+    max_folds: int | None = None,
 ) -> WarmStart:
     """The warm start of ``task`` by ``strategy``; see :meth:`KnowledgeBase.warm_start`.
 
@@ -135,7 +146,7 @@ def choose(
     sx, sy = task.support_x.to(device), task.support_y.to(device)
     for rank, neighbor in enumerate(neighbors):
         learner = kb.load_learner(neighbor.entry, device=device)
-        score = support_score(learner, sx, sy, steps=steps)
+        score = support_score(learner, sx, sy, steps=steps, max_folds=max_folds)
         scores[neighbor.entry.id] = score
         if best is None or (score, rank) < best:
             best, chosen = (score, rank), (neighbor.entry, learner)
