@@ -1,0 +1,386 @@
+"""Recommenders: rank the candidate configurations of the meta-knowledge for a new dataset.
+
+All of them are fitted on a :class:`~metaml.automl.knowledge.MetaKnowledge` (the training
+datasets only) and return a ranking of its candidate configurations with a predicted score:
+
+- :class:`NearestDatasets` -- auto-sklearn's warm start: the best configuration of each of the
+  nearest training datasets (L1 distance between normalised meta-features), nearest first;
+  predicted score = that configuration's mean normalised score over the ``k`` nearest.
+- :class:`MetaModel` -- a random forest regressor that predicts a configuration's normalised
+  score (0 = worst candidate on that dataset, 1 = best) from the dataset's meta-features and
+  the configuration's encoding; candidates ranked by prediction.
+- :class:`StaticPortfolio` -- ignores meta-features: a greedy portfolio that maximises the
+  mean over training datasets of the best normalised score among the chosen configurations.
+- :class:`RandomOrder` and :class:`SingleDefault` -- the baselines.
+
+Meta-features are normalised by a signed ``log1p`` (counts and ratios span orders of magnitude)
+followed by standardisation with the training datasets' mean and standard deviation.
+
+Example:
+    >>> import numpy as np
+    >>> from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+    >>> cands = candidate_configurations(8)
+    >>> kb = MetaKnowledge(["a", "b"], ["a", "b"], ["f"], np.array([[0.0], [10.0]]), cands,
+    ...                    np.array([np.linspace(0.5, 0.9, 8), np.linspace(0.9, 0.5, 8)]),
+    ...                    np.zeros((2, 8)), {})
+    >>> NearestDatasets(k=1).fit(kb).rank(np.array([9.0]))[0].config.algorithm
+    'logreg'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from metaml.automl.knowledge import MetaKnowledge
+from metaml.automl.portfolio import ALGORITHMS, Configuration
+from metaml.errors import UserError, unknown_name_error
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A configuration, its predicted (normalised) score and why it was chosen.
+
+    Example:
+        >>> from metaml.automl.portfolio import default_configuration
+        >>> Recommendation(default_configuration("knn"), 0.9, "nearest: iris").score
+        0.9
+    """
+
+    config: Configuration
+    score: float
+    source: str
+
+
+def normalised_scores(scores: np.ndarray) -> np.ndarray:
+    """Per dataset (row): 0 = worst evaluated configuration, 1 = best; NaN stays NaN.
+
+    Example:
+        >>> normalised_scores(np.array([[0.5, 0.7, 0.9], [0.6, 0.6, 0.6]])).round(3).tolist()
+        [[0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]
+    """
+    lo = np.nanmin(scores, axis=1, keepdims=True)
+    hi = np.nanmax(scores, axis=1, keepdims=True)
+    span = hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(span > 0, (scores - lo) / np.where(span > 0, span, 1.0), 1.0)
+    return np.where(np.isnan(scores), np.nan, out)
+
+
+class MetaFeatureScaler:
+    """Signed ``log1p`` then standardisation with the training rows' mean and deviation.
+
+    Example:
+        >>> s = MetaFeatureScaler().fit(np.array([[0.0, 5.0], [2.0, 5.0]]))
+        >>> s.transform(np.array([[1.0, 5.0]])).round(3).tolist()
+        [[0.262, 0.0]]
+    """
+
+    def fit(self, mf: np.ndarray) -> MetaFeatureScaler:
+        """Learn the mean and deviation of the transformed training meta-features."""
+        t = self._log(mf)
+        self.mean_ = np.nanmean(t, axis=0)
+        std = np.nanstd(t, axis=0)
+        self.std_ = np.where(std > 1e-12, std, 1.0)
+        return self
+
+    def transform(self, mf: np.ndarray) -> np.ndarray:
+        """Scale meta-features (rows); missing values become the mean (0)."""
+        z = (self._log(mf) - self.mean_) / self.std_
+        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+    @staticmethod
+    def _log(mf: np.ndarray) -> np.ndarray:
+        mf = np.asarray(mf, dtype=float)
+        return np.sign(mf) * np.log1p(np.abs(mf))
+
+
+def _as_vector(metafeatures: Mapping[str, float] | np.ndarray, names: Sequence[str]) -> np.ndarray:
+    if isinstance(metafeatures, Mapping):
+        missing = [n for n in names if n not in metafeatures]
+        if missing:
+            raise UserError(
+                f"meta-features missing {missing[:5]}; compute them with metafeatures()"
+            )
+        return np.array([metafeatures[n] for n in names], dtype=float)
+    vec = np.asarray(metafeatures, dtype=float).ravel()
+    if vec.size != len(names):
+        raise UserError(f"expected {len(names)} meta-features, got {vec.size}")
+    return vec
+
+
+class Recommender:
+    """The interface: ``fit(knowledge)`` then ``rank(metafeatures, n)``.
+
+    Example:
+        >>> issubclass(NearestDatasets, Recommender)
+        True
+    """
+
+    name = "recommender"
+
+    def fit(self, kb: MetaKnowledge) -> Recommender:
+        """Learn from the training datasets of ``kb``."""
+        self.kb_ = kb
+        self.normalised_ = normalised_scores(kb.scores)
+        return self
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """The candidates, best first (at most ``n``)."""
+        raise NotImplementedError
+
+
+class NearestDatasets(Recommender):
+    """auto-sklearn's warm start: the best configuration of each nearest training dataset.
+
+    ``shuffle_seed`` permutes the training datasets' meta-features among them first (the
+    control that shows whether the meta-features matter).
+
+    Example:
+        >>> NearestDatasets(k=5).k
+        5
+    """
+
+    name = "nearest"
+
+    def __init__(self, k: int = 10, shuffle_seed: int | None = None) -> None:
+        self.k = k
+        self.shuffle_seed = shuffle_seed
+
+    def fit(self, kb: MetaKnowledge) -> NearestDatasets:
+        """Scale the training meta-features."""
+        super().fit(kb)
+        mf = kb.metafeatures
+        if self.shuffle_seed is not None:
+            mf = mf[np.random.default_rng(self.shuffle_seed).permutation(len(mf))]
+        self.scaler_ = MetaFeatureScaler().fit(mf)
+        self.train_ = self.scaler_.transform(mf)
+        return self
+
+    def neighbours(self, metafeatures: Mapping[str, float] | np.ndarray) -> np.ndarray:
+        """Indices of the training datasets, nearest first (L1 on normalised meta-features)."""
+        z = self.scaler_.transform(_as_vector(metafeatures, self.kb_.metafeature_names)[None])[0]
+        dist = np.abs(self.train_ - z).sum(axis=1)
+        return np.argsort(dist, kind="stable")
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """Best configuration of the nearest dataset, then of the next, ... (no repeats); the
+        remaining candidates follow by mean normalised score over the ``k`` nearest."""
+        order = self.neighbours(metafeatures)
+        near = order[: self.k]
+        with np.errstate(invalid="ignore"):
+            mean_near = np.nanmean(self.normalised_[near], axis=0)
+        mean_near = np.nan_to_num(mean_near, nan=0.0)
+        chosen: list[int] = []
+        sources: dict[int, str] = {}
+        for i in order:
+            row = self.kb_.scores[i]
+            if np.all(np.isnan(row)):
+                continue
+            j = int(np.nanargmax(row))
+            if j not in sources:
+                chosen.append(j)
+                sources[j] = f"nearest: best on {self.kb_.names[i]}"
+        rest = [j for j in np.argsort(-mean_near, kind="stable") if j not in sources]
+        out = [
+            Recommendation(self.kb_.configurations[j], float(mean_near[j]), sources[j])
+            for j in chosen
+        ]
+        out += [
+            Recommendation(self.kb_.configurations[j], float(mean_near[j]), "nearest: mean of k")
+            for j in rest
+        ]
+        return out[:n]
+
+
+def encode_configuration(config: Configuration) -> dict[str, float]:
+    """Numbers for the meta-model: one-hot algorithm, log10 of log-scaled parameters, the
+    index of a categorical choice; parameters of other algorithms are absent.
+
+    Example:
+        >>> from metaml.automl.portfolio import default_configuration
+        >>> encode_configuration(default_configuration("logreg"))["logreg:C"]
+        0.0
+    """
+    algo = ALGORITHMS[config.algorithm]
+    out = {f"algorithm={a}": float(a == config.algorithm) for a in ALGORITHMS}
+    for param, spec in algo.space.items():
+        value = config.params[param]
+        key = f"{config.algorithm}:{param}"
+        if spec[0] == "cat":
+            out[key] = float(list(spec[1]).index(value))
+        else:
+            out[key] = math.log10(value) if spec[3] else float(value)
+    return out
+
+
+class MetaModel(Recommender):
+    """A random forest that predicts a configuration's normalised score from the dataset's
+    meta-features and the configuration; candidates ranked by the prediction.
+
+    Example:
+        >>> MetaModel(n_estimators=50).n_estimators
+        50
+    """
+
+    name = "meta-model"
+
+    def __init__(self, n_estimators: int = 200, random_state: int = 0) -> None:
+        self.n_estimators = n_estimators
+        self.random_state = random_state
+
+    def fit(self, kb: MetaKnowledge) -> MetaModel:
+        """Fit the forest on every (training dataset, evaluated configuration) pair."""
+        from sklearn.ensemble import RandomForestRegressor
+
+        super().fit(kb)
+        self.scaler_ = MetaFeatureScaler().fit(kb.metafeatures)
+        z = self.scaler_.transform(kb.metafeatures)
+        encodings = [encode_configuration(c) for c in kb.configurations]
+        self.columns_ = sorted({k for e in encodings for k in e})
+        self.config_matrix_ = np.array(
+            [[e.get(k, -10.0) for k in self.columns_] for e in encodings]
+        )  # -10: "not this algorithm's parameter", below every log10 value in the spaces
+        rows, cols = np.nonzero(~np.isnan(self.normalised_))
+        features = np.hstack([z[rows], self.config_matrix_[cols]])
+        self.forest_ = RandomForestRegressor(
+            n_estimators=self.n_estimators,
+            min_samples_leaf=3,
+            max_features=0.5,
+            n_jobs=1,
+            random_state=self.random_state,
+        ).fit(features, self.normalised_[rows, cols])
+        return self
+
+    def predict(self, metafeatures: Mapping[str, float] | np.ndarray) -> np.ndarray:
+        """Predicted normalised score of every candidate configuration."""
+        vec = _as_vector(metafeatures, self.kb_.metafeature_names)
+        z = self.scaler_.transform(vec[None])
+        features = np.hstack([np.repeat(z, len(self.config_matrix_), axis=0), self.config_matrix_])
+        return np.asarray(self.forest_.predict(features))
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """Candidates by predicted normalised score, best first."""
+        pred = self.predict(metafeatures)
+        order = np.argsort(-pred, kind="stable")
+        return [
+            Recommendation(self.kb_.configurations[j], float(pred[j]), "meta-model")
+            for j in order[:n]
+        ]
+
+
+class StaticPortfolio(Recommender):
+    """A greedy portfolio that ignores meta-features (auto-sklearn 2.0's): each step adds the
+    configuration that most raises the mean, over training datasets, of the best normalised
+    score among those chosen.
+
+    Example:
+        >>> StaticPortfolio().name
+        'static portfolio'
+    """
+
+    name = "static portfolio"
+
+    def fit(self, kb: MetaKnowledge) -> StaticPortfolio:
+        """Compute the greedy order once."""
+        super().fit(kb)
+        norm = np.nan_to_num(self.normalised_, nan=0.0)
+        best = np.zeros(len(norm))
+        order: list[int] = []
+        gains: list[float] = []
+        remaining = list(range(norm.shape[1]))
+        while remaining:
+            values = [np.mean(np.maximum(best, norm[:, j])) for j in remaining]
+            pick = remaining[int(np.argmax(values))]
+            gains.append(float(np.max(values)))
+            order.append(pick)
+            best = np.maximum(best, norm[:, pick])
+            remaining.remove(pick)
+        self.order_ = order
+        self.mean_score_ = np.nanmean(self.normalised_, axis=0)
+        return self
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """The greedy order (the same for every dataset)."""
+        return [
+            Recommendation(self.kb_.configurations[j], float(self.mean_score_[j]), self.name)
+            for j in self.order_[:n]
+        ]
+
+
+class RandomOrder(Recommender):
+    """Random search over the candidates: a random order, different for every ``seed``.
+
+    Example:
+        >>> RandomOrder(seed=3).seed
+        3
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """A random permutation of the candidates."""
+        order = np.random.default_rng(self.seed).permutation(len(self.kb_.configurations))
+        return [Recommendation(self.kb_.configurations[j], math.nan, self.name) for j in order[:n]]
+
+
+class SingleDefault(Recommender):
+    """One configuration for every dataset (by default the random forest's defaults).
+
+    Example:
+        >>> SingleDefault().algorithm
+        'random_forest'
+    """
+
+    name = "default"
+
+    def __init__(self, algorithm: str = "random_forest") -> None:
+        self.algorithm = algorithm
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """Just the default configuration of ``algorithm``."""
+        from metaml.automl.portfolio import default_configuration
+
+        cfg = default_configuration(self.algorithm)
+        if cfg not in self.kb_.configurations:
+            raise UserError(f"the meta-knowledge has no default {self.algorithm} configuration")
+        return [Recommendation(cfg, math.nan, self.name)][:n]
+
+
+RECOMMENDERS: dict[str, Any] = {
+    "nearest": NearestDatasets,
+    "meta-model": MetaModel,
+    "static": StaticPortfolio,
+}
+
+
+def make_recommender(name: str, **kwargs: Any) -> Recommender:
+    """A recommender by name: ``nearest``, ``meta-model`` or ``static``.
+
+    Example:
+        >>> make_recommender("nearest", k=3).k
+        3
+    """
+    if name not in RECOMMENDERS:
+        raise unknown_name_error("recommender", name, RECOMMENDERS)
+    rec: Recommender = RECOMMENDERS[name](**kwargs)
+    return rec

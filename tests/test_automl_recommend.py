@@ -1,0 +1,103 @@
+"""Recommenders on a synthetic meta-knowledge whose right answers are known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+from metaml.automl.recommend import (
+    MetaFeatureScaler,
+    MetaModel,
+    NearestDatasets,
+    RandomOrder,
+    SingleDefault,
+    StaticPortfolio,
+    make_recommender,
+    normalised_scores,
+)
+from metaml.errors import UserError
+
+CANDS = candidate_configurations(8)
+
+
+def _clustered_kb(n: int = 40, seed: int = 0) -> MetaKnowledge:
+    """Two kinds of dataset: meta-feature 0 near -3 (candidate 2 wins) or +3 (candidate 5)."""
+    rng = np.random.default_rng(seed)
+    kind = np.arange(n) % 2
+    mf = np.column_stack(
+        [np.where(kind == 0, -3.0, 3.0) + rng.normal(0, 0.3, n), rng.normal(size=n)]
+    )
+    scores = 0.6 + 0.05 * rng.random((n, 8))
+    scores[kind == 0, 2] = 0.9
+    scores[kind == 1, 5] = 0.9
+    names = [f"d{i}" for i in range(n)]
+    return MetaKnowledge(names, names, ["f0", "f1"], mf, CANDS, scores, np.zeros((n, 8)), {})
+
+
+def test_normalised_scores_by_hand() -> None:
+    s = np.array([[0.5, np.nan, 0.9, 0.7]])
+    np.testing.assert_allclose(normalised_scores(s), [[0.0, np.nan, 1.0, 0.5]])
+
+
+def test_scaler_standardises_the_training_rows() -> None:
+    mf = np.random.default_rng(0).lognormal(size=(50, 3))
+    z = MetaFeatureScaler().fit(mf).transform(mf)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(z.std(axis=0), 1)
+
+
+def test_nearest_recommends_the_best_of_the_nearest_dataset() -> None:
+    kb = _clustered_kb()
+    rec = NearestDatasets(k=5).fit(kb)
+    first = rec.rank(np.array([-3.1, 0.0]))
+    assert first[0].config == CANDS[2]
+    assert first[0].source.startswith("nearest: best on d")
+    assert rec.rank(np.array([2.9, 0.0]))[0].config == CANDS[5]
+    # Every candidate appears once.
+    assert sorted(r.config.key for r in first) == sorted(c.key for c in CANDS)
+    # Mapping input (named meta-features) gives the same ranking.
+    assert rec.rank({"f0": -3.1, "f1": 0.0}, n=3) == first[:3]
+    with pytest.raises(UserError, match="missing"):
+        rec.rank({"f0": 1.0})
+
+
+def test_shuffled_meta_features_lose_the_signal() -> None:
+    kb = _clustered_kb()
+    hits = 0
+    for seed in range(20):
+        rec = NearestDatasets(k=1, shuffle_seed=seed).fit(kb)
+        hits += rec.rank(np.array([-3.1, 0.0]))[0].config == CANDS[2]
+    assert hits < 18  # chance is about half; the real meta-features get it right every time
+
+
+def test_meta_model_ranks_by_the_cluster() -> None:
+    kb = _clustered_kb()
+    model = MetaModel(n_estimators=50).fit(kb)
+    assert model.rank(np.array([-3.0, 0.5]))[0].config == CANDS[2]
+    assert model.rank(np.array([3.0, -0.5]))[0].config == CANDS[5]
+    pred = model.predict(np.array([-3.0, 0.5]))
+    assert pred.shape == (8,) and pred[2] > 0.8 and pred[5] < 0.5
+
+
+def test_static_portfolio_greedy_order_by_hand() -> None:
+    names = ["a", "b", "c"]
+    scores = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]])
+    kb = MetaKnowledge(
+        names, names, ["f"], np.zeros((3, 1)), CANDS[:3], scores, np.zeros((3, 3)), {}
+    )
+    order = [r.config for r in StaticPortfolio().fit(kb).rank(np.zeros(1))]
+    # mean best after 1: c0 1/3, c1 2/3, c2 1/2 -> c1; then c0 reaches 1 -> c0; then c2.
+    assert order == [CANDS[1], CANDS[0], CANDS[2]]
+
+
+def test_baselines() -> None:
+    kb = _clustered_kb()
+    perm = RandomOrder(seed=1).fit(kb).rank(np.zeros(2))
+    assert sorted(r.config.key for r in perm) == sorted(c.key for c in CANDS)
+    assert [r.config for r in RandomOrder(seed=1).fit(kb).rank(np.zeros(2))] == [
+        r.config for r in perm
+    ]
+    assert SingleDefault().fit(kb).rank(np.zeros(2))[0].config.algorithm == "random_forest"
+    with pytest.raises(UserError, match="did you mean 'nearest'"):
+        make_recommender("neares")
