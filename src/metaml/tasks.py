@@ -163,6 +163,12 @@ class EpisodeSampler:
       (``np.rot90``, identical to ``torch.rot90(x, k, dims=(-2, -1))``; no dataset copy);
     - ``augment(x, rng)`` is applied to the gathered support and then the query tensor with
       the episode's generator, so augmented episodes stay reproducible.
+    - ``task_selection="uniform"`` (the default) draws the ``ways`` classes uniformly;
+      ``"nearest"`` draws them with probabilities proportional to ``class_weights`` (one positive
+      weight per class, times 4 with ``rotations``), e.g. from
+      :func:`metaml.taskrep.nearest_class_weights` to bias meta-training toward the classes
+      nearest a target task set. With ``within_group`` the group is drawn with probability
+      proportional to its classes' total weight, then its classes by weight.
 
     For a task family (regression) ``ways`` is ignored: ``shots`` and ``queries`` are the
     numbers of support and query points.
@@ -194,6 +200,8 @@ class EpisodeSampler:
         within_group: bool = False,
         rotations: bool = False,
         augment: Augment | None = None,
+        task_selection: str = "uniform",
+        class_weights: np.ndarray | None = None,
     ) -> None:
         from metaml.data.class_dataset import ClassDataset  # lazy: metaml.data imports us
 
@@ -207,12 +215,19 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.meta_batch_size, self.seed = int(meta_batch_size), int(seed)
         self.within_group, self.rotations, self.augment = within_group, rotations, augment
+        self.task_selection = task_selection
+        self._class_p: np.ndarray | None = None  # drawing probabilities; None = uniform
         self._dataset: ClassDataset | None = source if isinstance(source, ClassDataset) else None
         if self._dataset is not None:
             self.task_type = "classification"
             self.input_shape: tuple[int, ...] = self._dataset.shape
             self._prepare_classes(self._dataset)
+            self._prepare_selection(task_selection, class_weights)
         else:
+            if task_selection != "uniform":
+                raise UserError(
+                    f"task_selection={task_selection!r} needs a class dataset; a task family draws its own tasks"
+                )
             if not isinstance(source, TaskFamily):
                 raise UserError(
                     f"source must be a ClassDataset or a TaskFamily; got {type(source).__name__}"
@@ -264,6 +279,28 @@ class EpisodeSampler:
                 f"shots + queries = {need} but class {ds.class_names[short]!r} has only "
                 f"{have} examples; use at most {have} in total ({fix})"
             )
+
+    def _prepare_selection(self, selection: str, weights: np.ndarray | None) -> None:
+        if selection == "uniform":
+            if weights is not None:
+                raise UserError(
+                    "class_weights are used by task_selection='nearest'; drop them or set it"
+                )
+            return
+        if selection != "nearest":
+            raise UserError(f"unknown task_selection {selection!r}; use uniform or nearest")
+        n_virtual = len(self._counts) * self._rot
+        w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w is None or len(w) != n_virtual or not np.isfinite(w).all() or (w <= 0).any():
+            got = "none" if w is None else f"{len(w)} (min {w.min() if len(w) else 'n/a'})"
+            raise UserError(
+                f"task_selection='nearest' needs class_weights: {n_virtual} positive weights, one per "
+                f"class{' and rotation' if self.rotations else ''}; got {got} (see metaml.taskrep.nearest_class_weights)"
+            )
+        self._class_p = w / w.sum()
+        if self._group_classes:
+            totals = np.array([self._class_p[c].sum() for c in self._group_classes])
+            self._group_cdf = np.cumsum(totals) / totals.sum()
 
     def _prepare_groups(self, ds: ClassDataset) -> None:
         groups = np.asarray(ds.class_groups)
@@ -385,12 +422,23 @@ class EpisodeSampler:
 
     def _choose_classes(self, rng: np.random.Generator) -> np.ndarray:
         """``ways`` distinct virtual class ids, in label order."""
+        if self._class_p is not None:
+            return self._choose_weighted(rng, self._class_p)
         if self._group_classes:
             # inverse-CDF draw: the same distribution as rng.choice(p=...), several times faster
             g = int(np.searchsorted(self._group_cdf, rng.random(), side="right"))
             group = self._group_classes[min(g, len(self._group_classes) - 1)]
             return rng.choice(group, size=self.ways, replace=False)
         return rng.choice(len(self._counts) * self._rot, size=self.ways, replace=False)
+
+    def _choose_weighted(self, rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
+        """``ways`` distinct virtual class ids drawn with probabilities ``p`` (task_selection)."""
+        candidates = np.arange(len(p))
+        if self._group_classes:
+            g = int(np.searchsorted(self._group_cdf, rng.random(), side="right"))
+            candidates = self._group_classes[min(g, len(self._group_classes) - 1)]
+        q = p[candidates] / p[candidates].sum()
+        return candidates[rng.choice(len(candidates), size=self.ways, replace=False, p=q)]
 
     def _choose_examples(self, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
         """``(ways, shots+queries)`` distinct example indices of each base class, random order."""

@@ -10,5 +10,6 @@ Example:
 from __future__ import annotations
 
 from metaml.taskrep.encoder import TaskEncoder, prototype_summary
+from metaml.taskrep.selection import class_prototypes, nearest_class_weights
 
-__all__ = ["TaskEncoder", "prototype_summary"]
+__all__ = ["TaskEncoder", "class_prototypes", "nearest_class_weights", "prototype_summary"]

@@ -1,0 +1,101 @@
+"""Class weights for task selection: bias meta-training toward the classes nearest a target.
+
+:func:`nearest_class_weights` gives each class of a training dataset a weight that falls with
+the distance from its prototype (mean embedding under the reference backbone of a
+:class:`~metaml.taskrep.TaskEncoder`) to the nearest prototype of a target task set; passed to
+``EpisodeSampler(..., task_selection="nearest", class_weights=w)``, episodes are drawn mostly
+from those classes.
+
+Example:
+    >>> import torch
+    >>> from metaml.data import ClassDataset
+    >>> images = (torch.arange(8) * 30).to(torch.uint8).view(8, 1, 1, 1).expand(8, 1, 16, 16)
+    >>> ds = ClassDataset(images.contiguous(), torch.arange(8) // 2, "abcd")
+    >>> w = nearest_class_weights(ds, images[6:8].float() / 255, torch.tensor([0, 0]))
+    >>> int(w.argmax()), round(float(w.sum()), 6)
+    (3, 1.0)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metaml.algorithms.features import embed
+from metaml.algorithms.protonet import class_means
+from metaml.errors import UserError
+from metaml.taskrep.encoder import TaskEncoder
+
+if TYPE_CHECKING:
+    from metaml.data import ClassDataset
+
+
+def class_prototypes(
+    dataset: ClassDataset, encoder: TaskEncoder, rotations: bool = False, per_class: int = 20
+) -> np.ndarray:
+    """Mean embedding of each class ``(num_classes * (4 if rotations else 1), d)``.
+
+    Up to ``per_class`` examples of each class are used (the first ones, deterministic); with
+    ``rotations`` row ``c * 4 + r`` is class ``c`` turned ``r`` quarter turns, as in
+    :class:`~metaml.tasks.EpisodeSampler`.
+
+    Example:
+        >>> from metaml.data import ClassDataset
+        >>> ds = ClassDataset(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4) % 2, "ab")
+        >>> class_prototypes(ds, TaskEncoder(input_shape=(1, 16, 16)), rotations=True).shape
+        (8, 64)
+    """
+    index, counts = dataset.padded_class_index()
+    rows = [index[c, : min(int(counts[c]), per_class)] for c in range(dataset.num_classes)]
+    flat = np.concatenate(rows)
+    labels = torch.from_numpy(np.repeat(np.arange(dataset.num_classes), [len(r) for r in rows]))
+    x = dataset.images[torch.from_numpy(flat)].float().div_(255)  # (n, C, H, W)
+    turns = range(4) if rotations else range(1)
+    protos = []
+    for r in turns:
+        features = embed(encoder.backbone, torch.rot90(x, r, dims=(-2, -1)) if r else x)
+        protos.append(class_means(features[None], labels[None])[0])  # (num_classes, d)
+    stacked = torch.stack(protos, dim=1)  # (num_classes, turns, d): row c*4+r after flatten
+    return stacked.flatten(0, 1).numpy().astype(np.float64)
+
+
+def nearest_class_weights(
+    dataset: ClassDataset,
+    target_x: Tensor,
+    target_y: Tensor,
+    *,
+    encoder: TaskEncoder | None = None,
+    rotations: bool = False,
+    temperature: float = 0.1,
+    uniform_mix: float = 0.1,
+) -> np.ndarray:
+    """Sampling weights (summing to 1) of ``dataset``'s classes, highest for those nearest the target.
+
+    ``target_x``/``target_y``: the target task set's examples and class labels (e.g. the support
+    sets of the tasks to be solved, stacked). With ``d_c`` the distance from class ``c``'s
+    prototype to the nearest target prototype, and ``m`` the median of the ``d_c``, the weight is
+    ``(1 - uniform_mix) * softmax(-d_c / (temperature * m)) + uniform_mix / num_classes``: every
+    class keeps a floor, so meta-training still sees all classes now and then.
+
+    Example:
+        >>> # w = nearest_class_weights(train_ds, target.support_x, target.support_y)
+        >>> # EpisodeSampler(train_ds, task_selection="nearest", class_weights=w)
+    """
+    if not 0 <= uniform_mix <= 1 or temperature <= 0:
+        raise UserError(
+            f"need 0 <= uniform_mix <= 1 and temperature > 0; got {uniform_mix}, {temperature}"
+        )
+    encoder = encoder or TaskEncoder(input_shape=dataset.shape)
+    protos = class_prototypes(dataset, encoder, rotations)  # (C, d)
+    _, labels = torch.unique(target_y, return_inverse=True)
+    target = class_means(embed(encoder.backbone, target_x.float())[None], labels[None])[0]
+    t = target.numpy().astype(np.float64)  # (T, d)
+    distance = np.sqrt(((protos[:, None, :] - t[None]) ** 2).sum(-1)).min(1)  # (C,)
+    scale = temperature * max(float(np.median(distance)), 1e-12)
+    logits = -distance / scale
+    soft = np.exp(logits - logits.max())
+    soft /= soft.sum()
+    return (1 - uniform_mix) * soft + uniform_mix / len(soft)

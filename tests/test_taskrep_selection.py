@@ -1,0 +1,106 @@
+"""Task selection: weighted class draws in EpisodeSampler and the nearest-class weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import IdDataset
+
+from metaml.data import ClassDataset
+from metaml.errors import UserError
+from metaml.taskrep import TaskEncoder, class_prototypes, nearest_class_weights
+from metaml.tasks import EpisodeSampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_uniform_is_the_default_and_unchanged(id_dataset: IdDataset) -> None:
+    ds = id_dataset.dataset
+    default = EpisodeSampler(ds, ways=3, shots=1, queries=2, seed=5)
+    explicit = EpisodeSampler(ds, ways=3, shots=1, queries=2, seed=5, task_selection="uniform")
+    for i in range(20):
+        a, b = default.episode(i), explicit.episode(i)
+        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.classes, b.classes)  # type: ignore[arg-type]
+
+
+def test_one_way_draws_follow_the_weights(id_dataset: IdDataset) -> None:
+    """With ways=1 a class is drawn with probability exactly its weight: check the frequencies."""
+    ds = id_dataset.dataset
+    weights = np.arange(1, ds.num_classes + 1, dtype=np.float64)  # class c has weight c + 1
+    sampler = EpisodeSampler(
+        ds, ways=1, shots=1, queries=1, seed=0, task_selection="nearest", class_weights=weights
+    )
+    n = 2000
+    counts = np.bincount(
+        [int(sampler.episode(i).classes[0]) for i in range(n)], minlength=ds.num_classes
+    )  # type: ignore[index]
+    expected = n * weights / weights.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 36.1, (chi2, counts)  # 99.9% quantile of chi-square with 13 degrees of freedom
+
+
+def test_weighted_draws_prefer_heavy_classes_and_respect_groups(id_dataset: IdDataset) -> None:
+    ds = id_dataset.dataset
+    weights = np.ones(ds.num_classes)
+    heavy = [c for c, g in enumerate(ds.class_groups) if g == "g3"]  # the 5-class group
+    weights[heavy] = 50.0
+    s = EpisodeSampler(
+        ds, ways=3, shots=1, queries=1, seed=1, task_selection="nearest", class_weights=weights
+    )
+    drawn = np.concatenate([s.episode(i).classes.numpy() for i in range(300)])  # type: ignore[union-attr]
+    assert np.isin(drawn, heavy).mean() > 0.8
+    grouped = EpisodeSampler(ds, ways=2, shots=1, queries=1, seed=1, within_group=True,
+                             task_selection="nearest", class_weights=weights)  # fmt: skip
+    groups = np.asarray(ds.class_groups)
+    picks = [grouped.episode(i).classes.numpy() for i in range(300)]  # type: ignore[union-attr]
+    assert all(len(set(groups[p])) == 1 for p in picks)
+    assert np.mean([groups[p[0]] == "g3" for p in picks]) > 0.8
+    again = EpisodeSampler(ds, ways=2, shots=1, queries=1, seed=1, within_group=True,
+                           task_selection="nearest", class_weights=weights)  # fmt: skip
+    assert all(
+        torch.equal(grouped.episode(i).support_x, again.episode(i).support_x) for i in range(10)
+    )
+
+
+def test_bad_selection_arguments(id_dataset: IdDataset) -> None:
+    ds = id_dataset.dataset
+    with pytest.raises(UserError, match="14 positive weights"):
+        EpisodeSampler(ds, ways=2, task_selection="nearest", shots=1, queries=1)
+    with pytest.raises(UserError, match="positive weights"):
+        EpisodeSampler(
+            ds, ways=2, shots=1, queries=1, task_selection="nearest", class_weights=np.zeros(14)
+        )
+    with pytest.raises(UserError, match="unknown task_selection"):
+        EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hardest")
+    with pytest.raises(UserError, match="drop them"):
+        EpisodeSampler(ds, ways=2, shots=1, queries=1, class_weights=np.ones(14))
+
+
+def _bars() -> ClassDataset:
+    """4 classes of 16x16 images: a bright bar at row 2, 6, 10 or 14, 5 noisy copies each."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 30, size=(20, 1, 16, 16), dtype=np.uint8)
+    for i in range(20):
+        images[i, 0, 2 + 4 * (i // 5)] = 255
+    return ClassDataset(torch.from_numpy(images), torch.arange(20) // 5, "abcd")
+
+
+def test_nearest_weights_favour_the_target_class_and_match_numpy() -> None:
+    ds = _bars()
+    encoder = TaskEncoder(input_shape=(1, 16, 16))
+    target_x = ds.images[15:18].float() / 255  # three examples of class d
+    w = nearest_class_weights(ds, target_x, torch.zeros(3, dtype=torch.long), encoder=encoder,
+                              temperature=0.5, uniform_mix=0.2)  # fmt: skip
+    assert int(w.argmax()) == 3 and w.sum() == pytest.approx(1.0) and (w >= 0.2 / 4 - 1e-12).all()
+    protos = class_prototypes(ds, encoder)
+    feats = encoder.backbone.forward_features(target_x).detach().numpy().astype(np.float64)  # type: ignore[operator]
+    d = np.linalg.norm(protos - feats.mean(0), axis=1)
+    soft = np.exp(-d / (0.5 * np.median(d)))
+    np.testing.assert_allclose(w, 0.8 * soft / soft.sum() + 0.05, rtol=1e-5)
+    rotated = class_prototypes(ds, encoder, rotations=True)
+    np.testing.assert_allclose(rotated[::4], protos, rtol=1e-6)
+    turned = encoder.backbone.forward_features(
+        torch.rot90(ds.images[:5].float() / 255, 1, dims=(-2, -1))
+    )  # type: ignore[operator]
+    np.testing.assert_allclose(rotated[1], turned.detach().numpy().mean(0), rtol=1e-4, atol=1e-6)
