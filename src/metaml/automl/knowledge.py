@@ -260,7 +260,7 @@ def build_knowledge(
             progress(f"{name}: {ran} evaluations in {seconds:.1f} s")
 
 
-@dataclass
+@dataclass(repr=False)
 class MetaKnowledge:
     """Scores of candidate configurations on training datasets, with their meta-features.
 
@@ -281,6 +281,11 @@ class MetaKnowledge:
     scores: np.ndarray
     fit_times: np.ndarray
     info: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"MetaKnowledge({len(self.names)} datasets x {len(self.configurations)} configurations)"
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MetaKnowledge:

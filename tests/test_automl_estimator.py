@@ -1,0 +1,114 @@
+"""MetaLearnedClassifier passes scikit-learn's estimator checks; search, skops and CLI fit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("optuna")
+pytest.importorskip("skops")
+pd = pytest.importorskip("pandas")
+
+from helpers import run_cli  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from metaml.automl.estimator import MetaLearnedClassifier  # noqa: E402
+from metaml.automl.knowledge import MetaKnowledge, candidate_configurations  # noqa: E402
+from metaml.automl.portfolio import default_configuration  # noqa: E402
+from metaml.automl.search import (  # noqa: E402
+    load_model,
+    recommend,
+    save_model,
+    warm_started_search,
+)
+from metaml.data.tabular import from_dataframe  # noqa: E402
+from metaml.errors import UserError  # noqa: E402
+from metaml.taskrep.metafeatures import metafeature_names  # noqa: E402
+
+
+def _knowledge(best: str = "logreg") -> MetaKnowledge:
+    """Six made-up training datasets on which ``best``'s default is always the best."""
+    cands = candidate_configurations(8)
+    rng = np.random.default_rng(0)
+    names = [f"d{i}" for i in range(6)]
+    mf = rng.normal(size=(6, len(metafeature_names())))
+    scores = 0.5 + 0.3 * rng.random((6, 8))
+    scores[:, [c.algorithm for c in cands].index(best)] = 0.95
+    return MetaKnowledge(names, names, metafeature_names(), mf, cands, scores, np.zeros((6, 8)), {})
+
+
+KB = _knowledge()
+
+
+@pytest.fixture(autouse=True)
+def _one_openmp_thread() -> Iterator[None]:
+    with threadpool_limits(1):
+        yield
+
+
+@parametrize_with_checks([MetaLearnedClassifier(knowledge=KB, n_evaluations=1)])
+def test_sklearn_estimator_checks(estimator: Any, check: Callable[[Any], None]) -> None:
+    check(estimator)
+
+
+def test_fit_cross_validates_the_recommendations() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(80, 3))
+    y = (X[:, 0] + 0.2 * rng.normal(size=80) > 0).astype(int)
+    clf = MetaLearnedClassifier(knowledge=KB, method="static", n_evaluations=3, cv=3).fit(X, y)
+    assert len(clf.evaluated_) == 3
+    assert clf.evaluated_["logreg"] > 0.8
+    assert clf.best_config_.algorithm == max(clf.evaluated_, key=clf.evaluated_.get)
+    assert clf.score(X, y) > 0.8
+
+
+def test_recommend_puts_the_known_best_first() -> None:
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(40, 2)), np.repeat([0, 1], 20)
+    for method in ("nearest", "static", "meta-model"):
+        recs = recommend(X, y, knowledge=KB, method=method, n=3)
+        assert recs[0].config == default_configuration("logreg"), method
+
+
+def test_search_evaluates_recommendations_first_and_saves_with_skops(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"a": rng.normal(size=90), "c": rng.choice(["u", "v"], size=90)})
+    frame["t"] = np.where(frame["a"] > 0, "pos", "neg")
+    task = from_dataframe(frame, target="t", name="toy")
+    recs = recommend(task.X, task.y, knowledge=KB, n=2)
+    result = warm_started_search(task, recs, budget_s=None, n_trials=4, folds=3)
+    assert [t.config for t in result.trials[:2]] == [r.config for r in recs]
+    assert all(t.source == "search (TPE)" for t in result.trials[2:])
+    assert result.best is not None and result.best.score > 0.9
+    save_model(result.pipeline, tmp_path / "m.skops")
+    loaded = load_model(tmp_path / "m.skops")
+    np.testing.assert_array_equal(loaded.predict(task.X), result.pipeline.predict(task.X))
+    with pytest.raises(UserError, match="no model file"):
+        load_model(tmp_path / "none.skops")
+
+
+def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    KB.save(tmp_path / "kb.json.gz")
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"id": range(60), "x": rng.normal(size=60)})
+    frame["label"] = np.where(frame["x"] > 0, "yes", "no")
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    base = [str(tmp_path / "d.csv"), "--target", "label", "--drop", "id"]
+    base += ["--knowledge", str(tmp_path / "kb.json.gz")]
+    code, out, err = run_cli(["automl", "recommend", *base, "--n", "2"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0].split()[2] == "logreg"
+    run = tmp_path / "run"
+    args = ["automl", "fit", *base, "--trials", "2", "--budget", "60", "--folds", "3"]
+    code, out, err = run_cli([*args, "--out", str(run)], capsys)
+    assert code == 0, err
+    assert (run / "model.skops").is_file() and (run / "report.md").is_file()
+    model = load_model(run / "model.skops")
+    assert set(model.predict(frame.drop(columns=["id", "label"]))) <= {"yes", "no"}
+    code, _, err = run_cli(["automl", "fit", *base, "--budget", "0"], capsys)
+    assert code == 2 and "--budget" in err
