@@ -208,7 +208,7 @@ class KnowledgeBase:
         self._encoder = encoder
         if encoder is not None:
             self._check_encoder(encoder)
-        self._cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._cache: _Matrix | None = None
         self._hnsw: tuple[tuple[int, int], str, Any] | None = None
         self.swept: list[str] = self._sweep()
 
@@ -574,13 +574,13 @@ class KnowledgeBase:
 
     # -- search ----------------------------------------------------------------------------
 
-    def _matrix(self) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
+    def _matrix(self) -> _Matrix:
         """``(key, ids (n,), vectors (n, dim) float32)``, cached until entries change."""
         # data_version changes when another connection commits; total_changes counts this
         # connection's own row changes: together they change whenever the entries may have.
         version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
         key = (version, self._conn.total_changes)
-        if self._cache is None or self._cache[0] != key:
+        if self._cache is None or self._cache.key != key:
             rows = self._conn.execute(
                 "SELECT id, representation FROM entries ORDER BY id"
             ).fetchall()
@@ -589,7 +589,8 @@ class KnowledgeBase:
             # A native-order, aligned copy: numpy hands only aligned arrays to BLAS (10x faster).
             flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
             matrix = np.ascontiguousarray(flat.astype(np.float32)).reshape(len(rows), dim)
-            self._cache = (key, ids, matrix)
+            sq = np.einsum("ij,ij->i", matrix, matrix)  # (n,) |x|^2, reused by every query
+            self._cache = _Matrix(key, ids, matrix, sq, np.sqrt(sq))
         return self._cache
 
     def nearest(
@@ -621,7 +622,8 @@ class KnowledgeBase:
         if metric not in ("euclidean", "cosine"):
             raise UserError(f"unknown metric {metric!r}; use euclidean or cosine")
         query = self.represent(task)
-        key, ids, matrix = self._matrix()
+        cached = self._matrix()
+        key, ids, matrix = cached.key, cached.ids, cached.matrix
         if len(ids) == 0:
             return []
         if query.shape[0] != matrix.shape[1]:
@@ -636,7 +638,7 @@ class KnowledgeBase:
             order, dist = self._hnsw_search(key, matrix, query, want + len(exclude), metric)
             pairs = [(i, d) for i, d in zip(order, dist, strict=True) if keep[i]][:want]
         elif index == "exact":
-            pairs = _exact(matrix, query, want, metric, keep, ids)
+            pairs = _exact(cached, query, want, metric, keep)
         else:
             raise UserError(f"unknown index {index!r}; use exact or hnsw")
         entries = {e.id: e for e in self._entries_by_id([int(ids[i]) for i, _ in pairs])}
@@ -713,17 +715,29 @@ class KnowledgeBase:
         return f"KnowledgeBase({str(self.path)!r}, entries={len(self)})"
 
 
+@dataclass(frozen=True)
+class _Matrix:
+    """All representations, cached: ``matrix (n, dim)`` float32, their ids, squared norms, norms."""
+
+    key: tuple[int, int]
+    ids: np.ndarray
+    matrix: np.ndarray
+    sq: np.ndarray
+    norms: np.ndarray
+
+
 def _exact(
-    matrix: np.ndarray, query: np.ndarray, k: int, metric: Metric, keep: np.ndarray, ids: np.ndarray
+    cached: _Matrix, query: np.ndarray, k: int, metric: Metric, keep: np.ndarray
 ) -> list[tuple[int, float]]:
     """Brute-force top ``k`` rows: a fast float32 pass picks candidates, float64 ranks them."""
+    matrix, ids = cached.matrix, cached.ids
     if metric == "cosine":
-        norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(query)), 1e-30)
+        norms = cached.norms * max(float(np.linalg.norm(query)), 1e-30)
         approx = 1.0 - (matrix @ query) / np.maximum(norms, 1e-30)  # (n,)
     else:
-        sq = np.einsum("ij,ij->i", matrix, matrix)  # (n,) |x|^2
-        approx = sq - 2.0 * (matrix @ query)  # |x - q|^2 - |q|^2
-    approx = np.where(keep, approx, np.inf)
+        approx = cached.sq - 2.0 * (matrix @ query)  # |x - q|^2 - |q|^2
+    if not keep.all():
+        approx = np.where(keep, approx, np.inf)
     # float32 expansion loses digits: re-rank a generous candidate set exactly in float64.
     wide = min(len(approx), max(4 * k, k + 64))
     candidates = (
