@@ -63,3 +63,13 @@ def test_build_errors_exit_2(corpus: Path, capsys: pytest.CaptureFixture[str]) -
     assert "did you mean 'datasets/iris'" in err
     code, _, err = run_cli(["automl", "build", "--corpus", str(corpus), "--configs", "3"], capsys)
     assert code == 2 and "at least 8" in err
+
+
+def test_spread_picks_evenly_spaced_tasks(tmp_path: Path) -> None:
+    from metaml.automl.cli import _tasks
+
+    many = [CorpusTask(f"p/{i:02d}", "y", (), f"p/{i:02d}", 100, 2, 2) for i in range(10)]
+    path = tmp_path / "many.json"
+    write_corpus(path, many, {})
+    assert [t.name for t in _tasks(path, None, None, 4)] == ["p/00", "p/02", "p/05", "p/07"]
+    assert len(_tasks(path, None, 3, None)) == 3

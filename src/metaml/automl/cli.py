@@ -30,16 +30,23 @@ CorpusOption = Annotated[
 ]
 
 
-def _tasks(corpus: Path | None, names: list[str] | None, first: int | None) -> list[CorpusTask]:
+def _tasks(
+    corpus: Path | None, names: list[str] | None, first: int | None, spread: int | None = None
+) -> list[CorpusTask]:
     from metaml.automl.corpus import find_task, load_corpus
 
     tasks = load_corpus(corpus)
     if names:
         tasks = [find_task(n, tasks) for n in names]
+    for option, value in (("--tasks", first), ("--spread", spread)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}")
     if first is not None:
-        if first < 1:
-            raise UserError(f"--tasks must be at least 1, got {first}")
         tasks = tasks[:first]
+    if spread is not None and spread < len(tasks):
+        # Evenly spaced over the (alphabetical) list, so that no package dominates.
+        picks = sorted({int(i * len(tasks) / spread) for i in range(spread)})
+        tasks = [tasks[i] for i in picks]
     return tasks
 
 
@@ -78,6 +85,9 @@ def build_cmd(
     task: Annotated[
         list[str] | None, typer.Option("--task", help="A corpus task by name (repeatable).")
     ] = None,
+    spread: Annotated[
+        int | None, typer.Option(help="Use N tasks evenly spaced over the corpus.")
+    ] = None,
     corpus: CorpusOption = None,
     configs: Annotated[
         int, typer.Option(help="Candidate configurations: the 8 defaults, then random ones.")
@@ -104,7 +114,7 @@ def build_cmd(
         raise UserError(f"--folds must be at least 2, got {folds}")
     if max_rows < 20:
         raise UserError(f"--max-rows must be at least 20, got {max_rows}")
-    chosen = _tasks(corpus, task, tasks)
+    chosen = _tasks(corpus, task, tasks, spread)
     candidates = candidate_configurations(configs, seed=seed)
     typer.echo(f"{len(chosen)} tasks x {len(candidates)} configurations into {storage}")
     build_knowledge(
