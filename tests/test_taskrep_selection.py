@@ -104,3 +104,35 @@ def test_nearest_weights_favour_the_target_class_and_match_numpy() -> None:
         torch.rot90(ds.images[:5].float() / 255, 1, dims=(-2, -1))
     )  # type: ignore[operator]
     np.testing.assert_allclose(rotated[1], turned.detach().numpy().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_hard_selection_starts_uniform_and_follows_set_weights(id_dataset: IdDataset) -> None:
+    ds = id_dataset.dataset
+    s = EpisodeSampler(ds, ways=1, shots=1, queries=1, seed=2, task_selection="hard")
+    assert s.class_weights is not None
+    np.testing.assert_allclose(s.class_weights, np.full(ds.num_classes, 1 / ds.num_classes))
+    weights = np.full(ds.num_classes, 1e-6)
+    weights[7] = 1.0
+    s.set_class_weights(weights)
+    drawn = [int(s.episode(i).classes[0]) for i in range(200)]  # type: ignore[index]
+    assert np.mean(np.array(drawn) == 7) > 0.99
+    with pytest.raises(UserError, match="apply to task_selection"):
+        EpisodeSampler(ds, ways=1, shots=1, queries=1).set_class_weights(weights)
+
+
+def test_hard_tracker_is_a_moving_average_of_error_rates() -> None:
+    from metaml.taskrep import HardClassTracker
+
+    tracker = HardClassTracker(5, decay=0.5, uniform_mix=0.2)
+    classes = torch.tensor([[3, 1], [4, 3]])  # two 2-way episodes
+    query_y = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    # predicted labels: episode 0 gets one of class 3's two queries wrong, all of class 1's;
+    # episode 1 gets class 4 right and one of class 3's queries wrong
+    predicted = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]])
+    logits = torch.nn.functional.one_hot(predicted, 2).float()
+    tracker.observe(classes, query_y, logits)
+    error = np.ones(5)
+    for c, rate in ((3, 0.5), (1, 1.0), (4, 0.0), (3, 0.5)):  # in the order observe folds them
+        error[c] = 0.5 * error[c] + 0.5 * rate
+    np.testing.assert_allclose(tracker.error, error)
+    np.testing.assert_allclose(tracker.weights(), 0.8 * error / error.sum() + 0.2 / 5)

@@ -167,8 +167,10 @@ class EpisodeSampler:
       ``"nearest"`` draws them with probabilities proportional to ``class_weights`` (one positive
       weight per class, times 4 with ``rotations``), e.g. from
       :func:`metaml.taskrep.nearest_class_weights` to bias meta-training toward the classes
-      nearest a target task set. With ``within_group`` the group is drawn with probability
-      proportional to its classes' total weight, then its classes by weight.
+      nearest a target task set; ``"hard"`` draws them by weights that start uniform and that
+      the training loop updates with :meth:`set_class_weights` from the learner's confusions
+      (:class:`metaml.taskrep.HardClassTracker`). With ``within_group`` the group is drawn with
+      probability proportional to its classes' total weight, then its classes by weight.
 
     For a task family (regression) ``ways`` is ignored: ``shots`` and ``queries`` are the
     numbers of support and query points.
@@ -284,17 +286,56 @@ class EpisodeSampler:
         if selection == "uniform":
             if weights is not None:
                 raise UserError(
-                    "class_weights are used by task_selection='nearest'; drop them or set it"
+                    "class_weights are used by task_selection='nearest' or 'hard'; drop them or set it"
                 )
             return
-        if selection != "nearest":
-            raise UserError(f"unknown task_selection {selection!r}; use uniform or nearest")
+        if selection not in ("nearest", "hard"):
+            raise UserError(f"unknown task_selection {selection!r}; use uniform, nearest or hard")
+        if weights is None and selection == "hard":  # no confusions seen yet: start uniform
+            weights = np.ones(len(self._counts) * self._rot)
+        self.set_class_weights(weights)
+
+    @property
+    def class_weights(self) -> np.ndarray | None:
+        """The class-drawing probabilities of ``nearest``/``hard`` selection (a copy), or None.
+
+        Save them with a checkpoint to resume ``hard`` selection exactly.
+
+        Example:
+            >>> import torch
+            >>> from metaml.data import ClassDataset
+            >>> ds = ClassDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.arange(8) % 4, "abcd")
+            >>> EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hard").class_weights.tolist()
+            [0.25, 0.25, 0.25, 0.25]
+        """
+        return None if self._class_p is None else self._class_p.copy()
+
+    def set_class_weights(self, weights: np.ndarray | None) -> None:
+        """Replace the class weights of ``nearest``/``hard`` selection (normalised to sum to 1).
+
+        Episodes drawn afterwards use the new weights: episode ``i`` is a pure function of
+        ``(seed, i, weights)``. ``hard`` selection calls this as the learner's confusions change
+        (see :class:`metaml.taskrep.HardClassTracker`).
+
+        Example:
+            >>> import torch
+            >>> from metaml.data import ClassDataset
+            >>> ds = ClassDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.arange(8) % 4, "abcd")
+            >>> s = EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hard")
+            >>> s.set_class_weights(np.array([1.0, 1.0, 1.0, 5.0]))
+            >>> s.class_weights.tolist()
+            [0.125, 0.125, 0.125, 0.625]
+        """
+        if self.task_selection not in ("nearest", "hard") or self._dataset is None:
+            raise UserError(
+                "class weights apply to task_selection='nearest' or 'hard' on a class dataset"
+            )
         n_virtual = len(self._counts) * self._rot
         w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
         if w is None or len(w) != n_virtual or not np.isfinite(w).all() or (w <= 0).any():
             got = "none" if w is None else f"{len(w)} (min {w.min() if len(w) else 'n/a'})"
             raise UserError(
-                f"task_selection='nearest' needs class_weights: {n_virtual} positive weights, one per "
+                f"task_selection={self.task_selection!r} needs class_weights: {n_virtual} positive weights, one per "
                 f"class{' and rotation' if self.rotations else ''}; got {got} (see metaml.taskrep.nearest_class_weights)"
             )
         self._class_p = w / w.sum()

@@ -10,6 +10,12 @@ Example:
 from __future__ import annotations
 
 from metaml.taskrep.encoder import TaskEncoder, prototype_summary
-from metaml.taskrep.selection import class_prototypes, nearest_class_weights
+from metaml.taskrep.selection import HardClassTracker, class_prototypes, nearest_class_weights
 
-__all__ = ["TaskEncoder", "class_prototypes", "nearest_class_weights", "prototype_summary"]
+__all__ = [
+    "HardClassTracker",
+    "TaskEncoder",
+    "class_prototypes",
+    "nearest_class_weights",
+    "prototype_summary",
+]

@@ -99,3 +99,59 @@ def nearest_class_weights(
     soft = np.exp(logits - logits.max())
     soft /= soft.sum()
     return (1 - uniform_mix) * soft + uniform_mix / len(soft)
+
+
+class HardClassTracker:
+    """Per-class error rates of the learner during meta-training, as ``hard`` sampling weights.
+
+    :meth:`observe` takes the classes of a batch of episodes and the learner's query logits; each
+    class's error rate (share of its queries misclassified) is folded into an exponential moving
+    average (``decay``). Classes never seen keep error 1, so they are tried early. :meth:`weights`
+    is ``(1 - uniform_mix) * err / sum(err) + uniform_mix / num_classes``, to pass to
+    :meth:`EpisodeSampler.set_class_weights <metaml.tasks.EpisodeSampler.set_class_weights>`.
+    ``error`` (a plain array) is the state to save for an exact resume.
+
+    Example:
+        >>> t = HardClassTracker(4, decay=0.0, uniform_mix=0.0)
+        >>> logits = torch.tensor([[[5.0, 0.0], [5.0, 0.0]]])  # (B=1, Q=2, ways=2): both say label 0
+        >>> t.observe(torch.tensor([[2, 3]]), torch.tensor([[0, 1]]), logits)
+        >>> t.weights().round(3).tolist()  # class 2 right, class 3 wrong, 0 and 1 unseen (error 1)
+        [0.333, 0.333, 0.0, 0.333]
+    """
+
+    def __init__(self, num_classes: int, decay: float = 0.9, uniform_mix: float = 0.1) -> None:
+        if num_classes < 1 or not 0 <= decay < 1 or not 0 <= uniform_mix <= 1:
+            raise UserError(
+                f"need num_classes >= 1, 0 <= decay < 1, 0 <= uniform_mix <= 1; got {num_classes}, {decay}, {uniform_mix}"
+            )
+        self.decay, self.uniform_mix = float(decay), float(uniform_mix)
+        self.error = np.ones(num_classes)
+
+    @torch.no_grad()
+    def observe(self, classes: Tensor, query_y: Tensor, logits: Tensor) -> None:
+        """Fold in one batch: ``classes (B, ways)``, ``query_y (B, Q)``, ``logits (B, Q, ways)``.
+
+        Example:
+            >>> t = HardClassTracker(3, decay=0.5)
+            >>> t.observe(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+            >>> t.error.tolist()  # class 0 right: 0.5 * 1 + 0.5 * 0; class 1 wrong: stays 1
+            [0.5, 1.0, 1.0]
+        """
+        wrong = (logits.argmax(-1) != query_y).double()  # (B, Q)
+        for b in range(classes.shape[0]):
+            for label, c in enumerate(classes[b].tolist()):
+                mask = query_y[b] == label
+                if mask.any():
+                    rate = float(wrong[b][mask].mean())
+                    self.error[c] = self.decay * self.error[c] + (1 - self.decay) * rate
+
+    def weights(self) -> np.ndarray:
+        """Sampling weights (summing to 1), highest for the classes the learner gets wrong most.
+
+        Example:
+            >>> HardClassTracker(2).weights().tolist()
+            [0.5, 0.5]
+        """
+        total = self.error.sum()
+        share = self.error / total if total > 0 else np.full(len(self.error), 1 / len(self.error))
+        return (1 - self.uniform_mix) * share + self.uniform_mix / len(self.error)
