@@ -10,6 +10,7 @@ import time
 from html import unescape
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -313,3 +314,16 @@ def test_end_to_end_classification_run(tmp_path: Path) -> None:
     samples = [name for name in _md_images(md) if name.startswith("report-samples-")]
     assert samples == ["report-samples-proto-0.png", "report-samples-proto-1.png"]
     assert all((run / name).read_bytes().startswith(PNG_MAGIC) for name in samples)
+
+
+def test_report_embeds_a_runs_by_instance_figure(tmp_path: Path) -> None:
+    run = tmp_path / "mann-omniglot"
+    _synthetic_run(run)
+    fig = plt.figure(figsize=(2, 2))
+    fig.savefig(run / "by-instance.png")
+    plt.close(fig)
+    html_path, md_path = write_report([run], progress=False)
+    html, md = html_path.read_text(), md_path.read_text()
+    assert (run / "by-instance.png").read_bytes() in _embedded_pngs(html)
+    assert "report-mann-omniglot-by-instance.png" in _md_images(md)
+    assert "Accuracy by instance: mann-omniglot" in html

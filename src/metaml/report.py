@@ -46,6 +46,7 @@ EVAL_DIR = "eval"
 METRICS_FILE = "metrics.jsonl"
 HTML_FILE = "report.html"
 MD_FILE = "report.md"
+BY_INSTANCE_PNG = "by-instance.png"  # written into a MANN run by benchmarks.mann_instances
 # Keys that identify the test episodes of a saved evaluation: two runs' evaluations with equal
 # keys saw the same episodes, so they can be compared pair by pair.
 EVAL_KEY = ("dataset", "ways", "shots", "queries", "seed", "episodes")
@@ -452,7 +453,32 @@ def _summary_figures(runs: list[_Run]) -> list[_Plot]:
         figures.append(_curves_figure(runs))
     if any(r.evals for r in runs):
         figures.append(_shots_figure(runs))
-    return figures
+    return figures + _by_instance_figures(runs)
+
+
+def _by_instance_figures(runs: list[_Run]) -> list[_Plot]:
+    """MANN's accuracy by instance, where ``benchmarks.mann_instances`` left it in the run."""
+    return [
+        _Plot(
+            name=f"report-{_file_stem(run.label)}-by-instance.png",
+            title=f"Accuracy by instance: {run.label}",
+            caption=(
+                "Accuracy on the k-th presentation of a class within an episode "
+                "(Santoro et al. 2016, Table 1), written by benchmarks.mann_instances."
+            ),
+            png=(run.run_dir / BY_INSTANCE_PNG).read_bytes(),
+        )
+        for run in runs
+        if (run.run_dir / BY_INSTANCE_PNG).is_file()
+    ]
+
+
+def _instance_plots(report: _Report) -> list[_Plot]:
+    return [f for f in report.figures if f.name.endswith("-by-instance.png")]
+
+
+def _file_stem(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "run"
 
 
 def _metric_keys(records: list[dict[str, Any]]) -> tuple[str | None, str | None, str | None]:
@@ -907,6 +933,8 @@ def _render_html(report: _Report) -> str:
     if "report-shots.png" in figures:
         f = figures["report-shots.png"]
         parts += [f"<h2>{e(f.title)}</h2>", _html_figure(f)]
+    for f in _instance_plots(report):
+        parts += [f"<h2>{e(f.title)}</h2>", _html_figure(f)]
     if len(report.runs) > 1:
         none = (
             "The runs share no test episodes (same dataset, ways, shots, queries, seed, episodes)."
@@ -990,6 +1018,8 @@ def _render_markdown(report: _Report) -> str:
     lines += ["", _EVAL_NOTE]
     if "report-shots.png" in figures:
         f = figures["report-shots.png"]
+        lines += ["", f"## {f.title}", "", *_md_figure(f)]
+    for f in _instance_plots(report):
         lines += ["", f"## {f.title}", "", *_md_figure(f)]
     if len(report.runs) > 1:
         lines += ["", "## Comparison", ""]
