@@ -76,7 +76,7 @@ def main() -> None:
         "--omniglot", default=str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
     )
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
