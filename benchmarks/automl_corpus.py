@@ -36,6 +36,10 @@ MANUAL_EXCLUSIONS: dict[str, str] = {
     "COUNT/affairs": "vryhap is one dummy of a one-hot coded factor whose other dummies are features",
     "DAAG/cricketer": "cause is determined by the dead, acd, kia and inbed columns together",
     "AER/ResumeNames": "quality is the experiment's label for the other resume columns",
+    "Ecdat/Schooling": "nearc4a is determined by nearc4 and nearc4b together",
+    "HistData/PearsonLee": "gp (father-son, ...) is determined by the par and chl columns together",
+    "HSAUR/epilepsy": "a randomised treatment, predictable only through the repeated rows of a patient",
+    "HLMdiag/ahd": "a randomised treatment, predictable only through the repeated rows of a patient",
 }
 
 
