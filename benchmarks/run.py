@@ -181,7 +181,7 @@ def worker_sinusoid(quick: bool) -> dict[str, Any]:
     """(a) sinusoid MAML, second order, meta-batch 25, 10-shot, 1 step: meta-iterations/s."""
     from benchmarks.speed_workloads import sinusoid_batch, sinusoid_impls
 
-    impls = sinusoid_impls(sinusoid_batch(25, 10))
+    impls = sinusoid_impls(sinusoid_batch(25, 10), compile=not quick)  # compiling takes ~1 min
     runs, iters = (2, 2) if quick else (7, 20)
     rates = time_rates(impls, units=1, runs=runs, warmup=2, iters=iters)
     return {"unit": "meta-iterations/s", "rates": _summary(rates)}

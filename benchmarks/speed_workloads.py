@@ -126,11 +126,13 @@ def metaml_maml(
     precision: str = "fp32",
     channels_last: bool = False,
     low_memory: bool = False,
+    compile: bool = False,
 ) -> Step:
     """One metaml meta-iteration: ``meta_loss``, ``backward``, Adam."""
     learner = MAML(
         model, task_type=task_type, inner_lr=inner_lr, inner_steps=steps,  # type: ignore[arg-type]
         first_order=first_order, vectorize=vectorize, low_memory=low_memory,  # type: ignore[arg-type]
+        compile=compile,
     )  # fmt: skip
     if channels_last:
         learner.to(memory_format=torch.channels_last)
@@ -309,8 +311,8 @@ def mlp_forward(params: list[Tensor], x: Tensor) -> Tensor:
     return F.linear(x, params[4], params[5])
 
 
-def sinusoid_impls(batch: TaskBatch) -> dict[str, Step]:
-    """metaml (vmap and loop), higher, the plain loop (and learn2learn) on the MAML sinusoid."""
+def sinusoid_impls(batch: TaskBatch, compile: bool = True) -> dict[str, Step]:
+    """metaml (vmap, loop, compiled vmap), higher, the plain loop (and learn2learn)."""
     torch.manual_seed(0)
     base = create_backbone("mlp", in_shape=(1,), num_outputs=1)
     assert len(list(base.parameters())) == 6, "expected the 40-40 MLP"
@@ -321,6 +323,10 @@ def sinusoid_impls(batch: TaskBatch) -> dict[str, Step]:
         "higher": higher_maml(copy.deepcopy(base), batch, *args),
         "plain": plain_maml(copy.deepcopy(base), batch, *args, forward=mlp_forward),
     }
+    if compile:
+        impls["metaml-vmap-compiled"] = metaml_maml(
+            copy.deepcopy(base), batch, *args, vectorize="vmap", compile=True
+        )
     if learn2learn_available():
         impls["learn2learn"] = learn2learn_maml(copy.deepcopy(base), batch, *args)
     return impls

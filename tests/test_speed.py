@@ -84,3 +84,19 @@ def test_trainer_precision_bf16_runs_meta_loss_under_autocast(tmp_path) -> None:
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert summary["step"] == 2 and summary["loss"] is not None
     assert all(p.dtype == torch.float32 for p in learner.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_meta_loss_gives_the_second_order_meta_gradient() -> None:
+    torch.manual_seed(0)
+    batch = TaskBatch(*(torch.randn(3, 5, 1, dtype=torch.float64) for _ in range(4)))
+    grads = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        net = create_backbone("mlp", in_shape=(1,), num_outputs=1, hidden=(8, 8)).double()
+        learner = MAML(net, task_type="regression", inner_lr=0.3, inner_steps=2,
+                       vectorize="vmap", compile=compile)  # fmt: skip
+        learner.meta_loss(batch)[0].backward()
+        grads.append([p.grad for p in learner.parameters()])
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-12)
