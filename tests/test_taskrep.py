@@ -116,6 +116,7 @@ def test_spec_round_trip_and_bad_input() -> None:
         TaskEncoder.from_spec({"backbone": "mystery"})
 
 
+@pytest.mark.slow
 def test_same_group_tasks_are_nearer_on_glyphs() -> None:
     """Tasks of one script are nearer each other than tasks of others (the retrieval benchmark, small)."""
     from metaml.data import ClassDataset, load
