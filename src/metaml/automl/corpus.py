@@ -28,8 +28,8 @@ rebuilds it with :func:`build_corpus`. The rules, in the order they are applied:
 8. **Families.** Kept tasks of the same R package whose column-name sets overlap by at least
    half (Jaccard), or of any package by at least 0.8 with four columns or more, form a
    family; so do copies whose columns were renamed (:func:`merge_copy_families`: the same
-   number of rows, give or take one, and the same item name or a feature count within 3,
-   e.g. ``AER/Affairs`` and ``Ecdat/Fair``). :func:`family_folds` keeps a family on one side
+   item name, or exactly the same number of rows and a feature count within 3, e.g.
+   ``AER/Affairs`` and ``Ecdat/Fair``). :func:`family_folds` keeps a family on one side
    of every split.
 9. **At least two feature columns** remain.
 
@@ -488,23 +488,31 @@ def build_corpus(
 
 
 def merge_copy_families(tasks: Sequence[CorpusTask]) -> list[CorpusTask]:
-    """Rule 8's second half: tasks with the same number of rows (give or take one) and the
-    same item name (ignoring case) or feature counts within 3 join one family.
+    """Rule 8's second half: copies whose columns were renamed join one family: the same item
+    name (ignoring case) and row counts within one, or exactly the same number of rows (300 or
+    more, not a multiple of 100, so that round sample sizes do not chain unrelated tables) and
+    feature counts within 3.
 
     Example:
         >>> a = CorpusTask("AER/Affairs", "y", (), "AER/Affairs", 601, 8, 2)
         >>> b = CorpusTask("Ecdat/Fair", "y", (), "Ecdat/Fair", 601, 8, 2)
-        >>> [t.family for t in merge_copy_families([a, b])]
-        ['AER/Affairs', 'AER/Affairs']
+        >>> c = CorpusTask("X/other", "y", (), "X/other", 200, 8, 2)
+        >>> [t.family for t in merge_copy_families([a, b, c])]
+        ['AER/Affairs', 'AER/Affairs', 'X/other']
     """
     from dataclasses import replace
 
     uf = _UnionFind(t.family for t in tasks)
     for i, a in enumerate(tasks):
         for b in tasks[i + 1 :]:
-            if abs(a.rows - b.rows) > 1:
-                continue
-            if a.item.lower() == b.item.lower() or abs(a.features - b.features) <= 3:
+            same_name = a.item.lower() == b.item.lower() and abs(a.rows - b.rows) <= 1
+            same_shape = (
+                a.rows == b.rows
+                and a.rows >= 300
+                and a.rows % 100 != 0
+                and abs(a.features - b.features) <= 3
+            )
+            if same_name or same_shape:
                 uf.union(a.family, b.family)
     return [replace(t, family=uf.find(t.family)) for t in tasks]
 
