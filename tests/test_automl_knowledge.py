@@ -101,3 +101,14 @@ def test_load_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text('{"format": "other"}')
     with pytest.raises(UserError, match="not a metaml meta-knowledge file"):
         MetaKnowledge.load(tmp_path / "x.json")
+
+
+def test_a_failing_task_is_reported_and_left_out(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'kb.db'}"
+    broken = CorpusTask("datasets/no_such_item", "y", (), "x", 100, 2, 2)
+    cands = [default_configuration("logreg")]
+    log: list[str] = []
+    build_knowledge(url, [broken, IRIS], cands, folds=2, max_rows=60, progress=log.append)
+    assert any(line.startswith("datasets/no_such_item: failed (UserError") for line in log)
+    assert log[-1] == "1 tasks failed and are left out: datasets/no_such_item"
+    assert export_knowledge(url, cands).names == ["datasets/iris"]

@@ -252,12 +252,38 @@ def build_knowledge(
     from joblib import Parallel, delayed
 
     jobs = (
-        delayed(_run_task)(storage_url, task, list(candidates), folds, max_rows, seed)
+        delayed(_run_task_reporting)(storage_url, task, list(candidates), folds, max_rows, seed)
         for task in tasks
     )
-    for name, ran, seconds in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(jobs):
+    failed = []
+    for name, ran, seconds, error in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(jobs):
+        if error:
+            failed.append(name)
         if progress:
-            progress(f"{name}: {ran} evaluations in {seconds:.1f} s")
+            progress(
+                f"{name}: failed ({error})"
+                if error
+                else f"{name}: {ran} evaluations in {seconds:.1f} s"
+            )
+    if failed and progress:
+        progress(f"{len(failed)} tasks failed and are left out: {', '.join(failed)}")
+
+
+def _run_task_reporting(
+    storage_url: str,
+    task: CorpusTask,
+    candidates: Sequence[Configuration],
+    folds: int,
+    max_rows: int,
+    seed: int,
+) -> tuple[str, int, float, str]:
+    # One task that cannot be loaded or described must not stop the other workers; it is
+    # reported by name and has no meta-features, so export leaves it out and a rerun retries it.
+    try:
+        name, ran, seconds = _run_task(storage_url, task, candidates, folds, max_rows, seed)
+    except Exception as exc:
+        return task.name, 0, 0.0, f"{type(exc).__name__}: {exc}"[:300]
+    return name, ran, seconds, ""
 
 
 @dataclass(repr=False)
