@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from metaml.automl.evaluation import leave_one_dataset_out
 from metaml.automl.knowledge import MetaKnowledge
 from metaml.automl.recommend import (
     MetaModel,
@@ -38,28 +39,14 @@ from metaml.automl.recommend import (
     Recommender,
     SingleDefault,
     StaticPortfolio,
-    normalised_scores,
 )
 
 BUDGETS = (1, 5, 10, 25)
 HERE = Path(__file__).resolve().parent
 
 
-def _curve(rec: Recommender, kb: MetaKnowledge, i: int, norm: np.ndarray) -> np.ndarray:
-    """Best normalised score among the first b recommendations, for b = 1..len(candidates)."""
-    index = {c.key: j for j, c in enumerate(kb.configurations)}
-    ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i])]
-    values = np.nan_to_num(norm[i, ranked], nan=0.0)  # a missing score counts as the worst
-    best = np.maximum.accumulate(values)
-    full = np.full(len(kb.configurations), best[-1])
-    full[: len(best)] = best
-    return full
-
-
 def evaluate(kb: MetaKnowledge, seed: int = 0) -> dict[str, np.ndarray]:
     """``{method: (datasets, candidates)}`` best-so-far normalised scores."""
-    norm = normalised_scores(kb.scores)
-    n, c = kb.scores.shape
     methods: dict[str, Callable[[int], list[Recommender]]] = {
         "nearest (k=10)": lambda i: [NearestDatasets(k=10)],
         "meta-model": lambda i: [MetaModel(n_estimators=100, random_state=seed)],
@@ -70,18 +57,7 @@ def evaluate(kb: MetaKnowledge, seed: int = 0) -> dict[str, np.ndarray]:
             NearestDatasets(k=10, shuffle_seed=1000 * i + s) for s in range(10)
         ],
     }
-    out = {m: np.zeros((n, c)) for m in methods}
-    families = np.array(kb.families)
-    for i in range(n):
-        train = np.flatnonzero(families != families[i])
-        sub = kb.subset(train)
-        for name, make in methods.items():
-            curves = []
-            for rec in make(i):
-                rec.fit(sub)
-                curves.append(_curve(rec, kb, i, norm))
-            out[name][i] = np.mean(curves, axis=0)
-    return out
+    return leave_one_dataset_out(kb, methods)
 
 
 def _bootstrap_median_ci(x: np.ndarray, seed: int = 0, reps: int = 2000) -> tuple[float, float]:

@@ -101,3 +101,25 @@ def test_baselines() -> None:
     assert SingleDefault().fit(kb).rank(np.zeros(2))[0].config.algorithm == "random_forest"
     with pytest.raises(UserError, match="did you mean 'nearest'"):
         make_recommender("neares")
+
+
+def test_leave_one_dataset_out_never_learns_from_the_test_family() -> None:
+    from metaml.automl.evaluation import leave_one_dataset_out
+
+    # Pairs of copies (one family each): identical meta-features, a unique best candidate.
+    n = 8
+    mf = np.repeat(np.arange(n // 2, dtype=float)[:, None] * 10, 2, axis=0)
+    scores = np.full((n, 8), 0.5)
+    for i in range(n):
+        scores[i, i // 2] = 0.9
+    names = [f"d{i}" for i in range(n)]
+    families = [f"f{i // 2}" for i in range(n)]
+    kb = MetaKnowledge(names, families, ["f"], mf, CANDS, scores, np.zeros((n, 8)), {})
+    res = leave_one_dataset_out(kb, {"nearest": lambda i: [NearestDatasets(k=1)]})
+    # With the sibling left out, the nearest other family's best is wrong for every dataset.
+    assert res["nearest"][:, 0].tolist() == [0.0] * n
+    # If families were ignored the sibling would give the right answer (1.0) every time.
+    alone = MetaKnowledge(names, names, ["f"], mf, CANDS, scores, np.zeros((n, 8)), {})
+    leaky = leave_one_dataset_out(alone, {"nearest": lambda i: [NearestDatasets(k=1)]})
+    assert leaky["nearest"][:, 0].tolist() == [1.0] * n
+    assert (res["nearest"][:, -1] == 1.0).all()  # all candidates tried: the best is found
