@@ -340,7 +340,13 @@ class MetaKnowledge:
     def load(cls, path: str | Path | None = None) -> MetaKnowledge:
         """The shipped meta-knowledge, or the file at ``path`` (``.json`` or ``.json.gz``)."""
         if path is None:
-            raw = resources.files("metaml.automl").joinpath("data", KNOWLEDGE_FILE).read_bytes()
+            shipped = resources.files("metaml.automl").joinpath("data", KNOWLEDGE_FILE)
+            if not shipped.is_file():
+                raise UserError(
+                    f"this installation has no shipped meta-knowledge ({KNOWLEDGE_FILE}); build "
+                    "one with: metaml automl build --out kb.json.gz, and pass that file"
+                )
+            raw = shipped.read_bytes()
         else:
             path = Path(path)
             if not path.is_file():
