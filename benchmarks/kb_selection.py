@@ -141,7 +141,7 @@ def main() -> None:
     total = time.perf_counter() - started
     print(json.dumps({"rows": rows, "diffs": diffs, "shares": shares}), flush=True)
     if args.record:
-        append_section("Task selection during meta-training (nearest)",
+        append_section("Task selection during meta-training: uniform, nearest, hard",
                        report(args, train_names, test_names, rows, diffs, shares, total))  # fmt: skip
 
 
