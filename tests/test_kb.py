@@ -100,6 +100,13 @@ def test_add_get_list_remove_and_weights_round_trip(tmp_path: Path) -> None:
         kb.get(1)
     with pytest.raises(UserError, match="uid prefix"):
         kb.get("ab")
+    # a uid prefix made only of digits is still found (ids are tried first)
+    digits = kb.add(_w(), representation=np.ones(128))
+    kb._conn.execute(
+        "UPDATE entries SET uid = '12345678' || substr(uid, 9) WHERE id = ?", (digits.id,)
+    )
+    assert kb.get("12345678").id == digits.id and kb.get(str(digits.id)).id == digits.id
+    kb.remove(digits.id)
     with pytest.raises(UserError, match="not both"):
         kb.add(_w(), _task(0), representation=np.ones(128))
     with pytest.raises(UserError, match="128-d"):

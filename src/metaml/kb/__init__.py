@@ -4,6 +4,7 @@ Names are imported lazily, so that ``metaml --help`` (which registers ``metaml k
 
 Example:
     >>> import tempfile, numpy as np
+    >>> from metaml.kb import KnowledgeBase
     >>> kb = KnowledgeBase(tempfile.mkdtemp(), create=True)
     >>> kb.add({"w": np.ones(1, np.float32)}, representation=np.zeros(3)).id
     1

@@ -463,7 +463,7 @@ class KnowledgeBase:
         return [_entry(r) for r in rows]
 
     def get(self, entry: int | str) -> Entry:
-        """The entry with this id (an int or a string of digits) or uid prefix (at least 6 characters).
+        """The entry with this id (an int or a string of digits) or else uid prefix (6+ characters).
 
         Example:
             >>> import tempfile, numpy as np
@@ -472,15 +472,18 @@ class KnowledgeBase:
             >>> kb.get(e.uid[:8]).id == kb.get(str(e.id)).id == e.id
             True
         """
-        if isinstance(entry, int) or (isinstance(entry, str) and entry.isdigit()):
+        rows: list[Any] = []
+        is_id = isinstance(entry, int) or (isinstance(entry, str) and entry.isdigit())
+        if is_id:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (int(entry),)
             ).fetchall()
-        elif isinstance(entry, str) and len(entry) >= 6:
+        # A uid prefix may be all digits too (about 2% of 8-character prefixes): ids come first.
+        if not rows and isinstance(entry, str) and len(entry) >= 6:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM entries WHERE uid LIKE ? LIMIT 2", (entry.lower() + "%",)
             ).fetchall()
-        else:
+        elif not is_id and not (isinstance(entry, str) and len(entry) >= 6):
             raise UserError(
                 f"an entry is an id such as 3 or a uid prefix of 6+ characters; got {entry!r}"
             )
