@@ -190,3 +190,12 @@ def test_agrees_with_pymfe_where_names_overlap(
         if k in mf and math.isfinite(v):  # pymfe gives NaN where ours is documented as 0
             # pymfe adds 1e-8 to joint probabilities, hence the tolerance.
             assert mf[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
+def test_classes_without_spread_give_no_nan() -> None:
+    # Every row of a class is the same point: LDA's within-class scatter is zero.
+    X = np.r_[np.zeros((10, 2)), np.ones((10, 2))]
+    mf = metafeatures(X, [0] * 10 + [1] * 10)
+    _all_finite(mf)
+    assert mf["linear_discr.mean"] == 1.0
+    assert mf["one_nn.mean"] == 1.0

@@ -135,7 +135,7 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         Example:
             >>> import numpy as np
             >>> X = np.r_[np.zeros((10, 2)), np.ones((10, 2))]
-            >>> clf = MetaLearnedClassifier(n_evaluations=1).fit(X, [0] * 10 + [1] * 10)
+            >>> clf = MetaLearnedClassifier(n_evaluations=3, cv=2).fit(X, [0] * 10 + [1] * 10)
             >>> clf.predict([[1.0, 1.0]]).tolist()
             [1]
         """

@@ -30,7 +30,8 @@ Robustness (no NaN or infinity ever comes out; each case has a test):
   features count "missing" as one more value;
 - a single row per class: the landmarkers still run (a class absent from a training fold is
   simply never predicted); a training fold with one class, or with no more rows than classes
-  for LDA, predicts its majority class;
+  for LDA, predicts its majority class; LDA on classes without spread (every row of a class
+  identical) predicts the nearest class mean, its limit;
 - a group with nothing to describe (no numeric column for ``statistical``) gives 0s, and
   ``mut_inf`` is floored at ``1e-4`` bits inside the two ratios that divide by it.
 
@@ -380,6 +381,13 @@ def _info_theory(d: _Prepared) -> dict[str, float]:
     }
 
 
+def _no_within_class_spread(X: np.ndarray, y: np.ndarray) -> bool:
+    centred = X.copy()
+    for k in np.unique(y):
+        centred[y == k] -= X[y == k].mean(axis=0)
+    return bool(np.abs(centred).max() <= 1e-12 * max(1.0, float(np.abs(X).max())))
+
+
 def _landmark_matrix(d: _Prepared) -> np.ndarray:
     """Numeric columns (median-imputed) and one-hot categories, constant columns removed."""
     blocks = [d.imputed]
@@ -438,6 +446,12 @@ def _landmarking(
                 if len(classes) == 1 or L.shape[1] == 0 or lda_cannot:
                     # Nothing to learn from: predict the (majority) training class.
                     pred = np.full(len(test), np.bincount(y[train]).argmax())
+                elif name == "linear_discr" and _no_within_class_spread(L[train], y[train]):
+                    # LDA's limit when every class is a single point: the nearest class mean
+                    # (scikit-learn's LDA fails on a zero within-class scatter).
+                    means = np.stack([L[train][y[train] == k].mean(axis=0) for k in classes])
+                    dist = ((L[test][:, None, :] - means[None]) ** 2).sum(axis=2)
+                    pred = classes[dist.argmin(axis=1)]
                 else:
                     pred = make().fit(L[train], y[train]).predict(L[test])
                 scores[name].append(float(np.mean(pred == y[test])))
