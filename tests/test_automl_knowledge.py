@@ -112,3 +112,22 @@ def test_a_failing_task_is_reported_and_left_out(tmp_path: Path) -> None:
     assert any(line.startswith("datasets/no_such_item: failed (UserError") for line in log)
     assert log[-1] == "1 tasks failed and are left out: datasets/no_such_item"
     assert export_knowledge(url, cands).names == ["datasets/iris"]
+
+
+def test_shipped_knowledge_matches_the_corpus_and_the_meta_features() -> None:
+    from metaml.automl.corpus import load_corpus
+    from metaml.taskrep.metafeatures import metafeature_names
+
+    kb = MetaKnowledge.load()
+    corpus = {t.name: t for t in load_corpus()}
+    assert len(kb.names) >= 20
+    assert all(corpus[n].family == f for n, f in zip(kb.names, kb.families, strict=True))
+    assert kb.metafeature_names == metafeature_names()
+    assert np.isfinite(kb.metafeatures).all()
+    assert kb.configurations[:8] == [
+        default_configuration(c.algorithm) for c in kb.configurations[:8]
+    ]
+    assert np.mean(np.isfinite(kb.scores)) > 0.99
+    assert (
+        (kb.scores[np.isfinite(kb.scores)] >= 0) & (kb.scores[np.isfinite(kb.scores)] <= 1)
+    ).all()
