@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,6 +33,7 @@ from metaml.algorithms.features import FeatureClassifier, feature_extractor
 from metaml.config import load_config
 from metaml.engine import latest_checkpoint
 from metaml.evaluate import Result, compare, evaluate
+from metaml.io import atomic_write_json
 
 
 def parse_steps(text: str, names: list[str]) -> dict[str, int]:
@@ -86,14 +88,22 @@ def evaluate_all(
     run_dir: Path,
     episodes: int,
     settings: list[tuple[int, int]],
+    cache: Path,
 ) -> dict[tuple[int, int], dict[str, Result]]:
-    """Every learner on the same test episodes of each (ways, shots) setting."""
+    """Every learner on the same test episodes of each (ways, shots) setting.
+
+    Each result is kept as JSON in ``cache``, so an interrupted benchmark (or one whose methods
+    were evaluated in separate processes) does not evaluate a method twice.
+    """
     cfg = runs.read_config(run_dir)
     table = {}
     for ways, shots in settings:
         test = runs.build_samplers(cfg, eval_ways=ways, eval_shots=shots).test
         table[(ways, shots)] = {
-            name: evaluate(learner, test, episodes) for name, learner in learners.items()
+            name: _cached_evaluate(
+                learner, test, episodes, cache / f"{name}-{ways}w{shots}s-{episodes}.json"
+            )
+            for name, learner in learners.items()
         }
         print(
             f"{ways}-way {shots}-shot: "
@@ -101,6 +111,14 @@ def evaluate_all(
             flush=True,
         )
     return table
+
+
+def _cached_evaluate(learner: MetaLearner, test: Any, episodes: int, path: Path) -> Result:
+    if path.exists():
+        return Result(**json.loads(path.read_text()))
+    result = evaluate(learner, test, episodes)
+    atomic_write_json(path, result.to_dict())
+    return result
 
 
 def plot_curves(run_dirs: dict[str, Path], path: Path) -> None:
@@ -143,6 +161,7 @@ def main() -> None:
     parser.add_argument("--title", default="Omniglot-small few-shot accuracy (held-out alphabets)")
     parser.add_argument("--root", default=None, help="folder of the Omniglot zips")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--eval-only", default=None, help="evaluate only these methods (cached)")
     parser.add_argument(
         "--print-only", action="store_true", help="print, do not append to RESULTS.md"
     )
@@ -164,7 +183,11 @@ def main() -> None:
         learners[f"{names[0]} features + centroid"] = FeatureClassifier(
             feature_extractor(learners[names[0]]), "centroid"
         )
-    table = evaluate_all(learners, run_dirs[names[0]], args.episodes, settings)
+    if args.eval_only:
+        learners = {name: learners[name] for name in args.eval_only.split(",")}
+    table = evaluate_all(learners, run_dirs[names[0]], args.episodes, settings, args.out / "evals")
+    if args.eval_only:
+        return
     section = _section(args, names, steps, trained, table)
     if args.print_only:
         print(section)
