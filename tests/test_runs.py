@@ -69,3 +69,15 @@ def test_train_queries_shape_only_the_training_episodes(tmp_path: Path) -> None:
     assert samplers.train.episode(0).query_x.shape[0] == 2 * 2
     assert samplers.val.episode(0).query_x.shape[0] == 2 * 5
     assert samplers.test.episode(0).query_x.shape[0] == 2 * 5
+
+
+def test_low_memory_and_compile_reach_the_learner_from_the_config() -> None:
+    from metaml.algorithms import create_learner
+
+    cfg = load_config(
+        None, ["algorithm.name=maml", "algorithm.low_memory=true", "algorithm.compile=true"]
+    )
+    learner = create_learner(cfg, (1,), "regression", ways=1)
+    assert learner.low_memory is True and learner.use_compile is True  # type: ignore[attr-defined]
+    default = create_learner(load_config(None, ["algorithm.name=anil"]), (1,), "regression", ways=1)
+    assert default.low_memory is False and default.use_compile is False  # type: ignore[attr-defined]
