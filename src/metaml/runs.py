@@ -227,6 +227,24 @@ def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
     )
 
 
+def learner_from_spec(cfg: RunConfig, spec: dict[str, Any]) -> MetaLearner:
+    """The config's untrained learner for the shapes a run's ``model.json`` records.
+
+    Example:
+        >>> from metaml.config import load_config
+        >>> spec = {"input_shape": [1], "task_type": "regression", "ways": 1, "num_classes": 0}
+        >>> type(learner_from_spec(load_config(None), spec)).__name__
+        'MAML'
+    """
+    return create_learner(
+        cfg,
+        input_shape=tuple(spec["input_shape"]),
+        task_type=spec["task_type"],
+        ways=spec["ways"],
+        num_classes=spec["num_classes"],
+    )
+
+
 def load_learner(
     run_dir: str | Path, checkpoint: str = "best", device: str = "auto"
 ) -> MetaLearner:
@@ -243,13 +261,7 @@ def load_learner(
     if spec is None:  # a run written before model.json existed: rebuild the shapes from its data
         spec = build_samplers(cfg).model_spec()
     _apply_threads(cfg)
-    learner = create_learner(
-        cfg,
-        input_shape=tuple(spec["input_shape"]),
-        task_type=spec["task_type"],
-        ways=spec["ways"],
-        num_classes=spec["num_classes"],
-    )
+    learner = learner_from_spec(cfg, spec)
     load_checkpoint(_checkpoint_file(run_dir, checkpoint), learner, restore_rng=False)
     return learner.to(resolve_device(device)).eval()
 

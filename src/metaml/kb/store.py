@@ -524,9 +524,9 @@ class KnowledgeBase:
         """
         import yaml
 
-        from metaml.algorithms import create_learner
         from metaml.config import config_from_dict
         from metaml.device import resolve_device
+        from metaml.runs import learner_from_spec
 
         found = entry if isinstance(entry, Entry) else self.get(entry)
         if found.config is None or found.model_spec is None:
@@ -536,13 +536,7 @@ class KnowledgeBase:
             )
         cfg = config_from_dict(yaml.safe_load(found.config) or {})
         spec = found.model_spec
-        learner = create_learner(
-            cfg,
-            input_shape=tuple(spec["input_shape"]),
-            task_type=spec["task_type"],
-            ways=spec["ways"],
-            num_classes=spec["num_classes"],
-        )
+        learner = learner_from_spec(cfg, spec)
         learner.load_state_dict(self.load_weights(found))
         return learner.to(resolve_device(device)).eval()
 
