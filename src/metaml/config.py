@@ -127,6 +127,9 @@ class MANNConfig(_Strict):
     read_heads: int = Field(4, ge=1, description="read heads; n of the least-used weights")
     gamma: float = Field(0.95, ge=0, le=1, description="usage decay")
     key_strength: bool = Field(False, description="learned read sharpness (NTM), not in the paper")
+    compile: bool = Field(
+        False, description="compile the time step with torch.compile (~1.6x faster training on CPU)"
+    )
 
 
 AlgorithmConfig = Annotated[
