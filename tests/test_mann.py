@@ -291,3 +291,22 @@ def test_loss_decreases_on_toy_episodes() -> None:
     # chance: loss ln 2 = 0.69, accuracy 0.5; the 5th instance can only beat it through memory
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.03
     assert sum(late[-20:]) / 20 > 0.56
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_one() -> None:
+    """``compile=True`` gives the same loss and gradients as eager (compilation takes ~10 s)."""
+    torch.manual_seed(0)
+    eager = tiny()
+    compiled = tiny(compile=True)  # type: ignore[arg-type]
+    compiled.load_state_dict(eager.state_dict())
+    batch = toy_batch()
+    results = []
+    for net in (eager, compiled):
+        loss, _ = net.meta_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in net.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert a is not None and b is not None and torch.allclose(a, b, atol=1e-5)
+    assert compiled._compiled_step is not None  # the compiled path was the one taken
