@@ -136,3 +136,54 @@ def test_hard_tracker_is_a_moving_average_of_error_rates() -> None:
         error[c] = 0.5 * error[c] + 0.5 * rate
     np.testing.assert_allclose(tracker.error, error)
     np.testing.assert_allclose(tracker.weights(), 0.8 * error / error.sum() + 0.2 / 5)
+
+
+def reference_observe(tracker: object, classes: torch.Tensor, query_y: torch.Tensor,
+                      logits: torch.Tensor) -> None:  # fmt: skip
+    """The first, loop-per-label HardClassTracker.observe, kept as the reference."""
+    wrong = (logits.argmax(-1) != query_y).double()
+    for b in range(classes.shape[0]):
+        for label, c in enumerate(classes[b].tolist()):
+            mask = query_y[b] == label
+            if mask.any():
+                rate = float(wrong[b][mask].mean())
+                tracker.error[c] = tracker.decay * tracker.error[c] + (1 - tracker.decay) * rate  # type: ignore[attr-defined]
+
+
+def test_vectorised_observe_equals_the_loop_bit_for_bit() -> None:
+    from metaml.taskrep import HardClassTracker
+
+    gen = torch.Generator().manual_seed(0)
+    fast, slow = HardClassTracker(9, decay=0.7), HardClassTracker(9, decay=0.7)
+    for _ in range(20):
+        classes = torch.stack([torch.randperm(9, generator=gen)[:4] for _ in range(6)])  # (6, 4)
+        query_y = torch.randint(0, 4, (6, 7), generator=gen)  # some labels get no query
+        logits = torch.randn(6, 7, 4, generator=gen)
+        fast.observe(classes, query_y, logits)
+        reference_observe(slow, classes, query_y, logits)
+    assert np.array_equal(fast.error, slow.error) and len(set(fast.error.tolist())) > 3
+
+
+def test_selection_state_restores_exactly_through_json(id_dataset: IdDataset) -> None:
+    import json
+
+    from metaml.taskrep import HardClassTracker
+
+    ds = id_dataset.dataset
+    a = EpisodeSampler(ds, ways=2, shots=1, queries=1, seed=3, within_group=True,
+                       task_selection="hard")  # fmt: skip
+    a.set_class_weights(np.random.default_rng(0).random(ds.num_classes) + 0.1)
+    b = EpisodeSampler(ds, ways=2, shots=1, queries=1, seed=3, within_group=True,
+                       task_selection="hard")  # fmt: skip
+    b.load_selection_state(json.loads(json.dumps(a.selection_state())))
+    assert np.array_equal(a.class_weights, b.class_weights)  # type: ignore[arg-type]
+    assert all(torch.equal(a.episode(i).classes, b.episode(i).classes) for i in range(50))  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="resume with the run's own config"):
+        EpisodeSampler(ds, ways=2, shots=1, queries=1).load_selection_state(a.selection_state())
+    tracker = HardClassTracker(ds.num_classes)
+    tracker.error[:3] = [0.1, 0.2, 1 / 3]
+    again = HardClassTracker(ds.num_classes)
+    again.load_state(json.loads(json.dumps(tracker.state())))
+    assert np.array_equal(again.error, tracker.error)
+    with pytest.raises(UserError, match="error rates for"):
+        HardClassTracker(3).load_state(tracker.state())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -338,7 +338,53 @@ class EpisodeSampler:
                 f"task_selection={self.task_selection!r} needs class_weights: {n_virtual} positive weights, one per "
                 f"class{' and rotation' if self.rotations else ''}; got {got} (see metaml.taskrep.nearest_class_weights)"
             )
-        self._class_p = w / w.sum()
+        self._use_probabilities(w / w.sum())
+
+    def selection_state(self) -> dict[str, Any]:
+        """The task selection as plain JSON: ``{"task_selection", "class_weights"}`` (a list or None).
+
+        A checkpoint stores it and :meth:`load_selection_state` restores it bit for bit (JSON
+        keeps every digit of a float64), so ``hard`` selection resumes exactly.
+
+        Example:
+            >>> import torch
+            >>> from metaml.data import ClassDataset
+            >>> ds = ClassDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.arange(8) % 4, "abcd")
+            >>> EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hard").selection_state()
+            {'task_selection': 'hard', 'class_weights': [0.25, 0.25, 0.25, 0.25]}
+        """
+        weights = None if self._class_p is None else [float(v) for v in self._class_p]
+        return {"task_selection": self.task_selection, "class_weights": weights}
+
+    def load_selection_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`selection_state` returned, exactly (no renormalisation).
+
+        Example:
+            >>> import torch
+            >>> from metaml.data import ClassDataset
+            >>> ds = ClassDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.arange(8) % 4, "abcd")
+            >>> a = EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hard")
+            >>> a.set_class_weights(np.array([1.0, 2.0, 3.0, 7.0]))
+            >>> b = EpisodeSampler(ds, ways=2, shots=1, queries=1, task_selection="hard")
+            >>> b.load_selection_state(a.selection_state())
+            >>> bool((a.class_weights == b.class_weights).all())
+            True
+        """
+        saved = state.get("task_selection")
+        if saved != self.task_selection:
+            raise UserError(
+                f"the saved task selection is {saved!r}, this sampler's {self.task_selection!r}; "
+                "resume with the run's own config (data.task_selection)"
+            )
+        weights = state.get("class_weights")
+        if weights is None:
+            return
+        self.set_class_weights(np.asarray(weights, dtype=np.float64))  # validates
+        self._use_probabilities(np.asarray(weights, dtype=np.float64))  # the saved bits
+
+    def _use_probabilities(self, p: np.ndarray) -> None:
+        """Draw classes with probabilities ``p`` (already validated and normalised)."""
+        self._class_p = p
         if self._group_classes:
             totals = np.array([self._class_p[c].sum() for c in self._group_classes])
             self._group_cdf = np.cumsum(totals) / totals.sum()

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from metaml.errors import UserError
 from metaml.tasks import TaskBatch
 
 Predictor = Callable[[Tensor], Tensor]
@@ -42,10 +43,27 @@ class MetaLearner(nn.Module, ABC):
     """
 
     task_type: TaskType = "classification"
+    #: Whether :meth:`meta_loss_with_outputs` works (``hard`` task selection needs it).
+    exposes_query_outputs: bool = False
 
     @abstractmethod
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """The meta-training loss on a batch of tasks and metrics to log (``loss``, ``acc``/``mse``)."""
+
+    def meta_loss_with_outputs(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`meta_loss` plus the query outputs ``(B, Q, ways)`` it computed, detached.
+
+        The trainer's ``hard`` task selection reads each class's query errors from them at no
+        extra cost. Learners that override this set ``exposes_query_outputs = True``.
+
+        Example:
+            >>> # loss, metrics, outputs = protonet.meta_loss_with_outputs(batch)
+            >>> # outputs.argmax(-1) == batch.query_y   # which queries were right
+        """
+        raise UserError(
+            f"{type(self).__name__} does not expose its query outputs during meta-training, which "
+            "task_selection='hard' needs; use ProtoNet or a MAML-family learner, or another task_selection"
+        )
 
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:

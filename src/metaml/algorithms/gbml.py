@@ -217,6 +217,8 @@ class GradientBasedLearner(MetaLearner):
 
     # -- the MetaLearner interface ------------------------------------------------------------
 
+    exposes_query_outputs = True
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Mean query loss after adaptation over the batch, and ``{"loss", "acc" | "mse"}``.
 
@@ -227,6 +229,19 @@ class GradientBasedLearner(MetaLearner):
             >>> learner.meta_loss(b)[0].shape
             torch.Size([])
         """
+        loss, metrics, _ = self.meta_loss_with_outputs(batch)
+        return loss, metrics
+
+    def meta_loss_with_outputs(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`meta_loss` and the query outputs ``(B, Q, outputs)`` at the adapted parameters, detached.
+
+        Example:
+            >>> from metaml.nn import create_backbone
+            >>> learner = MAML(create_backbone("mlp"), task_type="regression")
+            >>> b = TaskBatch(*(torch.randn(2, 5, 1) for _ in range(4)))
+            >>> learner.meta_loss_with_outputs(b)[2].shape
+            torch.Size([2, 5, 1])
+        """
         if self.low_memory and torch.is_grad_enabled():
             return self._meta_loss_low_memory(batch)
         mode = self.chooser.next_mode()
@@ -235,7 +250,7 @@ class GradientBasedLearner(MetaLearner):
         loss = losses.mean()
         metric = "acc" if self.task_type == "classification" else "mse"
         score = task_score(self.task_type, outputs.flatten(0, 1), batch.query_y.flatten(0, 1))
-        return loss, {"loss": loss.item(), metric: score}
+        return loss, {"loss": loss.item(), metric: score}, outputs.detach()
 
     def _tasks_fn(self, mode: str) -> Callable[..., Any]:
         """``(sx, sy, qx, qy) -> (losses, outputs)`` for the meta-batch, compiled if asked."""
@@ -249,7 +264,7 @@ class GradientBasedLearner(MetaLearner):
             self._compiled[mode] = torch.compile(run)
         return self._compiled[mode]
 
-    def _meta_loss_low_memory(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def _meta_loss_low_memory(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float], Tensor]:
         """``meta_loss`` with one task's graph alive at a time (``low_memory=True``).
 
         Each task's meta-gradient is computed right away with ``torch.autograd.grad`` and its
@@ -283,7 +298,7 @@ class GradientBasedLearner(MetaLearner):
         loss = value + (linear - linear.detach())
         metric = "acc" if self.task_type == "classification" else "mse"
         score = task_score(self.task_type, torch.cat(outputs), batch.query_y.flatten(0, 1))
-        return loss, {"loss": value.item(), metric: score}
+        return loss, {"loss": value.item(), metric: score}, torch.stack(outputs)
 
     @property
     def vectorize_choice(self) -> str | None:

@@ -63,8 +63,23 @@ class ProtoNet(MetaLearner):
         distances = torch.cdist(queries, prototypes, compute_mode="donot_use_mm_for_euclid_dist")
         return -distances.pow(2)
 
+    exposes_query_outputs = True
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """Query cross-entropy of all tasks, embedded in one forward pass."""
+        loss, metrics, _ = self.meta_loss_with_outputs(batch)
+        return loss, metrics
+
+    def meta_loss_with_outputs(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`meta_loss` and the query logits ``(B, Q, ways)``, detached.
+
+        Example:
+            >>> from metaml.nn import create_backbone
+            >>> net = ProtoNet(create_backbone("mlp", in_shape=(2,), num_outputs=0, hidden=(8,)))
+            >>> y = torch.tensor([[0, 1]])
+            >>> net.meta_loss_with_outputs(TaskBatch(torch.randn(1, 2, 2), y, torch.randn(1, 2, 2), y))[2].shape
+            torch.Size([1, 2, 2])
+        """
         tasks, n_support = batch.support_y.shape
         n_query = batch.query_y.shape[1]
         # (B, S, ...) and (B, Q, ...) -> one (B*(S+Q), ...) batch through the backbone.
@@ -76,7 +91,7 @@ class ProtoNet(MetaLearner):
         logits = self.logits(prototypes, query)  # (B, Q, ways)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         acc = (logits.argmax(-1) == batch.query_y).float().mean()
-        return loss, {"loss": loss.item(), "acc": acc.item()}
+        return loss, {"loss": loss.item(), "acc": acc.item()}, logits.detach()
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Compute the prototypes of the support set; ``steps`` is ignored (no inner loop).

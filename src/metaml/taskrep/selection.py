@@ -62,6 +62,26 @@ def class_prototypes(
     return stacked.flatten(0, 1).numpy().astype(np.float64)
 
 
+def class_examples(dataset: ClassDataset, per_class: int = 1) -> tuple[Tensor, Tensor]:
+    """The first ``per_class`` examples of every class as float ``x`` in [0, 1] and class ids ``y``.
+
+    A deterministic target task set for :func:`nearest_class_weights` (e.g. one example of every
+    test class); classes with fewer examples give all they have.
+
+    Example:
+        >>> from metaml.data import ClassDataset
+        >>> ds = ClassDataset(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.arange(6) % 3, "abc")
+        >>> x, y = class_examples(ds, per_class=2)
+        >>> tuple(x.shape), y.tolist()
+        ((6, 1, 2, 2), [0, 0, 1, 1, 2, 2])
+    """
+    index, counts = dataset.padded_class_index()
+    taken = np.minimum(counts, per_class)  # (num_classes,)
+    flat = np.concatenate([index[c, : taken[c]] for c in range(dataset.num_classes)])
+    y = torch.from_numpy(np.repeat(np.arange(dataset.num_classes), taken))
+    return dataset.images[torch.from_numpy(flat)].float().div_(255), y
+
+
 def nearest_class_weights(
     dataset: ClassDataset,
     target_x: Tensor,
@@ -131,19 +151,55 @@ class HardClassTracker:
     def observe(self, classes: Tensor, query_y: Tensor, logits: Tensor) -> None:
         """Fold in one batch: ``classes (B, ways)``, ``query_y (B, Q)``, ``logits (B, Q, ways)``.
 
+        Tasks are folded in batch order, so a class drawn by two tasks of the batch gets two
+        updates, the second task's last.
+
         Example:
             >>> t = HardClassTracker(3, decay=0.5)
             >>> t.observe(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
             >>> t.error.tolist()  # class 0 right: 0.5 * 1 + 0.5 * 0; class 1 wrong: stays 1
             [0.5, 1.0, 1.0]
         """
+        ways = classes.shape[1]
         wrong = (logits.argmax(-1) != query_y).double()  # (B, Q)
-        for b in range(classes.shape[0]):
-            for label, c in enumerate(classes[b].tolist()):
-                mask = query_y[b] == label
-                if mask.any():
-                    rate = float(wrong[b][mask].mean())
-                    self.error[c] = self.decay * self.error[c] + (1 - self.decay) * rate
+        one_hot = torch.nn.functional.one_hot(query_y.long(), ways).double()  # (B, Q, ways)
+        counts = one_hot.sum(1)  # (B, ways) queries per label
+        misses = (one_hot * wrong[..., None]).sum(1)  # (B, ways) misclassified queries per label
+        # Sums of 0/1 values are exact, so rate equals the per-label mean of `wrong` bit for bit.
+        rates = (misses / counts.clamp(min=1)).cpu().numpy()
+        seen = (counts > 0).cpu().numpy()
+        ids = classes.cpu().numpy()
+        for b in range(ids.shape[0]):  # sequential: classes may repeat across tasks
+            for label in range(ways):
+                if seen[b, label]:
+                    c = ids[b, label]
+                    self.error[c] = self.decay * self.error[c] + (1 - self.decay) * rates[b, label]
+
+    def state(self) -> dict[str, list[float]]:
+        """The error rates as plain JSON, for a checkpoint (:meth:`load_state` restores them exactly).
+
+        Example:
+            >>> HardClassTracker(2).state()
+            {'error': [1.0, 1.0]}
+        """
+        return {"error": [float(e) for e in self.error]}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        """Restore what :meth:`state` returned.
+
+        Example:
+            >>> t = HardClassTracker(2)
+            >>> t.load_state({"error": [0.25, 0.5]})
+            >>> t.weights().tolist()
+            [0.35, 0.65]
+        """
+        error = np.asarray(state.get("error", []), dtype=np.float64)
+        if error.shape != self.error.shape or not np.isfinite(error).all() or (error < 0).any():
+            raise UserError(
+                f"saved hard-selection state holds {error.size} error rates for {self.error.size} "
+                "classes; resume with the run's own config and data"
+            )
+        self.error = error
 
     def weights(self) -> np.ndarray:
         """Sampling weights (summing to 1), highest for the classes the learner gets wrong most.
