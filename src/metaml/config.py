@@ -25,8 +25,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SelectionConfig(_Strict):
+    """Options of ``data.task_selection``; a ``null`` option takes its mode's default.
+
+    ``nearest`` uses ``target``, ``target_root``, ``target_examples``, ``temperature`` and
+    ``uniform_mix``; ``hard`` uses ``decay``, ``uniform_mix`` and ``update_every``. Setting an
+    option the chosen mode does not use is an error (it would silently do nothing).
+    """
+
+    target: str | None = Field(
+        None,
+        description="nearest: 'test' (this run's test classes, transductive) or a dataset "
+        "name or spec whose classes are the target",
+    )
+    target_root: str | None = Field(None, description="nearest: root of a target dataset")
+    target_examples: int | None = Field(
+        None, ge=1, description="nearest: examples per target class, the first ones (default 1)"
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="nearest: softmax temperature, times the median distance (0.1)"
+    )
+    uniform_mix: float | None = Field(
+        None, ge=0, le=1, description="share of the draws spread uniformly over all classes (0.1)"
+    )
+    decay: float | None = Field(
+        None, ge=0, lt=1, description="hard: moving-average decay of each class's error (0.9)"
+    )
+    update_every: int | None = Field(
+        None, ge=1, description="hard: training steps between class-weight refreshes (10)"
+    )
+
+
+#: Which options each task selection reads (the others must stay null).
+SELECTION_OPTIONS = {
+    "uniform": (),
+    "nearest": ("target", "target_root", "target_examples", "temperature", "uniform_mix"),
+    "hard": ("decay", "uniform_mix", "update_every"),
+}
+#: Learners whose meta_loss exposes the query outputs that ``hard`` selection reads.
+HARD_SELECTION_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet")
+
+
 class DataConfig(_Strict):
-    """Which tasks to sample: the dataset, its split, and the episode shape."""
+    """Which tasks to sample: the dataset, its split, the episode shape and the class selection."""
 
     dataset: str = "sinusoid"
     root: str | None = None
@@ -44,6 +85,10 @@ class DataConfig(_Strict):
     split_by: Literal["group", "class"] = "group"
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     split_seed: int = 0
+    task_selection: Literal["uniform", "nearest", "hard"] = Field(
+        "uniform", description="how meta-training draws an episode's classes (docs/kb.md)"
+    )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
 
 class ModelConfig(_Strict):
@@ -241,9 +286,60 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         # `--set algorithm.inner_steps=3` alone means the default algorithm, not a missing tag.
         raw = {**raw, "algorithm": {"name": "maml", **algorithm}}
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise _user_error_from(exc, raw) from None
+    check_task_selection(cfg)
+    return cfg
+
+
+def check_task_selection(cfg: RunConfig) -> None:
+    """Refuse ``data.task_selection`` combinations that cannot work, naming the fix.
+
+    What needs the data (a task family such as ``sinusoid`` cannot use it) is checked when the
+    dataset is loaded (:func:`metaml.runs.build_samplers`).
+
+    Example:
+        >>> check_task_selection(RunConfig.model_validate({"data": {"task_selection": "nearest"}}))
+        Traceback (most recent call last):
+        ...
+        metaml.errors.UserError: data.task_selection=nearest needs data.selection.target: ...
+    """
+    mode, options = cfg.data.task_selection, cfg.data.selection
+    unused = [k for k in SelectionConfig.model_fields if k not in SELECTION_OPTIONS[mode]]
+    stray = [k for k in unused if getattr(options, k) is not None]
+    if stray:
+        users = [m for m, keys in SELECTION_OPTIONS.items() if stray[0] in keys]
+        raise UserError(
+            f"data.selection.{stray[0]} is used by task_selection={' or '.join(users)}, not "
+            f"{mode}; remove it or set data.task_selection={users[0]}"
+        )
+    if mode == "nearest":
+        _check_nearest_target(options.target)
+    if mode == "hard" and cfg.algorithm.name not in HARD_SELECTION_ALGORITHMS:
+        raise UserError(
+            f"data.task_selection=hard needs a learner that exposes its query predictions "
+            f"({', '.join(HARD_SELECTION_ALGORITHMS)}); {cfg.algorithm.name} does not: use "
+            "data.task_selection=uniform or nearest, or another algorithm"
+        )
+
+
+def _check_nearest_target(target: str | None) -> None:
+    if target is None:
+        raise UserError(
+            "data.task_selection=nearest needs data.selection.target: 'test' (this run's test "
+            "classes, transductive) or a dataset whose classes are the target (a name or a spec "
+            "such as folder:PATH); see docs/kb.md"
+        )
+    if target in ("train", "val"):
+        why = (
+            "the training classes are what it chooses among"
+            if target == "train"
+            else "validation would then score the classes training was steered toward"
+        )
+        raise UserError(
+            f"data.selection.target={target} is not allowed ({why}); use 'test' or a dataset"
+        )
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -25,6 +25,9 @@ from metaml.engine import Trainer, latest_checkpoint, load_checkpoint
 from metaml.errors import UserError
 from metaml.io import atomic_write_json, atomic_write_text
 from metaml.tasks import EpisodeSampler, TaskFamily
+
+if TYPE_CHECKING:
+    from metaml.taskrep.selection import HardClassTracker
 
 CONFIG_FILE = "config.yaml"
 
@@ -54,12 +57,20 @@ class RunData:
 
 
 def build_samplers(
-    cfg: RunConfig, eval_ways: int | None = None, eval_shots: int | None = None
+    cfg: RunConfig,
+    eval_ways: int | None = None,
+    eval_shots: int | None = None,
+    *,
+    selection: bool = False,
 ) -> RunData:
     """Load the config's dataset, split it, and build seeded samplers for each split.
 
     Class datasets are split by group or class (``data.split_by``); task families such as
-    ``sinusoid`` have no split, so each sampler gets its own seed instead.
+    ``sinusoid`` have no split, so each sampler gets its own seed instead. With ``selection``
+    (what training does) the training sampler draws classes by ``data.task_selection``; without
+    it uniformly, since evaluation never draws from it and ``nearest`` weights cost a pass of
+    every training class through the reference backbone. Validation and test always draw
+    uniformly.
 
     Example:
         >>> from metaml.config import load_config
@@ -81,10 +92,11 @@ def build_samplers(
         seed: int,
         meta_batch_size: int = 1,
         queries: int = d.queries,
+        **choice: Any,
     ) -> EpisodeSampler:
         return EpisodeSampler(
             splits[split], ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
-            seed=seed, within_group=d.within_group, rotations=d.rotations,
+            seed=seed, within_group=d.within_group, rotations=d.rotations, **choice,
         )  # fmt: skip
 
     return RunData(
@@ -95,11 +107,66 @@ def build_samplers(
             cfg.seed,
             d.meta_batch_size,
             d.train_queries or d.queries,
+            **(_task_selection(cfg, splits) if selection else {}),
         ),
         val=sampler(1, d.ways, d.shots, cfg.seed + 1),
         test=sampler(2, eval_ways or d.ways, eval_shots or d.shots, cfg.eval.seed),
         preprocess=image_preprocessing(source) if isinstance(source, ClassDataset) else None,
     )
+
+
+def _task_selection(
+    cfg: RunConfig, splits: tuple[ClassDataset | TaskFamily, ...]
+) -> dict[str, Any]:
+    """The training sampler's ``task_selection`` and ``class_weights`` arguments for the config."""
+    d = cfg.data
+    if d.task_selection == "uniform":
+        return {}
+    train = splits[0]
+    if not isinstance(train, ClassDataset):
+        raise UserError(
+            f"data.task_selection={d.task_selection} chooses among a class dataset's classes; "
+            f"{d.dataset!r} is a task family that draws its own tasks: set data.task_selection=uniform"
+        )
+    if d.task_selection == "hard":
+        return {"task_selection": "hard"}  # weights start uniform; the trainer's tracker moves them
+    from metaml.taskrep.selection import class_examples, nearest_class_weights  # lazy: heavier
+
+    o = d.selection
+    target_x, target_y = class_examples(_selection_target(cfg, splits), o.target_examples or 1)
+    try:
+        weights = nearest_class_weights(
+            train, target_x, target_y, rotations=d.rotations,
+            temperature=0.1 if o.temperature is None else o.temperature,
+            uniform_mix=0.1 if o.uniform_mix is None else o.uniform_mix,
+        )  # fmt: skip
+    except UserError as exc:  # e.g. images too small for the reference conv4
+        raise UserError(
+            f"data.task_selection=nearest compares classes with a reference conv4: {exc}"
+        ) from None
+    return {"task_selection": "nearest", "class_weights": weights}
+
+
+def _selection_target(
+    cfg: RunConfig, splits: tuple[ClassDataset | TaskFamily, ...]
+) -> ClassDataset:
+    """The dataset whose classes ``nearest`` selection steers toward (``data.selection.target``)."""
+    d, target = cfg.data, cfg.data.selection.target
+    if target == "test":
+        dataset = splits[2]
+    else:
+        assert target is not None  # config validation requires it for nearest
+        options = {"image_size": d.image_size} if d.image_size else {}
+        dataset = load(target, root=d.selection.target_root, **options)
+    train = splits[0]
+    assert isinstance(train, ClassDataset)
+    if not isinstance(dataset, ClassDataset) or dataset.shape != train.shape:
+        got = dataset.shape if isinstance(dataset, ClassDataset) else "a task family"
+        raise UserError(
+            f"data.selection.target={target!r} must be a class dataset of images shaped like the "
+            f"training data's {train.shape}; got {got} (set data.image_size, or another target)"
+        )
+    return dataset
 
 
 def image_preprocessing(dataset: ClassDataset) -> dict[str, Any]:
@@ -166,7 +233,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, quiet: bool = False
             f"{run_dir} already holds a run; resume it with metaml train --resume {run_dir}, or choose another --run-dir"
         )
     torch.manual_seed(cfg.seed)
-    data = build_samplers(cfg)
+    data = build_samplers(cfg, selection=True)
     device = resolve_device(cfg.device)
     learner = build_learner(cfg, data.train).to(device)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +258,7 @@ def resume(
         )
     cfg = read_config(run_dir, overrides)
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-    data = build_samplers(cfg)
+    data = build_samplers(cfg, selection=True)
     device = resolve_device(cfg.device)
     learner = build_learner(cfg, data.train).to(device)
     _fit(cfg, learner, data, run_dir, device, quiet, resume=True)
@@ -287,6 +354,26 @@ def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
     return latest
 
 
+def hard_tracker(cfg: RunConfig, sampler: EpisodeSampler) -> HardClassTracker | None:
+    """The tracker of ``data.task_selection=hard`` with the config's options; None otherwise.
+
+    Example:
+        >>> from metaml.config import load_config
+        >>> hard_tracker(load_config(None), build_samplers(load_config(None)).train) is None
+        True
+    """
+    if cfg.data.task_selection != "hard":
+        return None
+    from metaml.taskrep.selection import HardClassTracker  # lazy: heavier
+
+    o = cfg.data.selection
+    return HardClassTracker(
+        sampler.num_classes,
+        decay=0.9 if o.decay is None else o.decay,
+        uniform_mix=0.1 if o.uniform_mix is None else o.uniform_mix,
+    )
+
+
 def _fit(
     cfg: RunConfig,
     learner: MetaLearner,
@@ -297,7 +384,10 @@ def _fit(
     resume: bool,
 ) -> None:
     started = time.perf_counter()
-    trainer = Trainer(learner, data.train, data.val, cfg.train, run_dir, device, quiet=quiet)
+    trainer = Trainer(
+        learner, data.train, data.val, cfg.train, run_dir, device, quiet=quiet,
+        tracker=hard_tracker(cfg, data.train), tracker_every=cfg.data.selection.update_every or 10,
+    )  # fmt: skip
     (trainer.resume() if resume else trainer).fit()
     if not quiet:
         print(f"trained {cfg.name} in {time.perf_counter() - started:.0f} s -> {run_dir}")

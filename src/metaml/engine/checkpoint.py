@@ -75,6 +75,7 @@ class CheckpointState:
     sampler_seed: int | None = None
     best: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] | None = None  # task selection state (class weights, tracker)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -100,11 +101,14 @@ def save_checkpoint(
     metadata: dict[str, Any] | None = None,
     name: str | None = None,
     keep: int | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``name`` (default ``step-{step}``) and return the path of its JSON.
 
     ``keep`` prunes ``step-*`` checkpoints down to the newest ``keep`` afterwards (``best``
-    is never pruned). ``sampler_position`` defaults to ``step``.
+    is never pruned). ``sampler_position`` defaults to ``step``. ``selection`` (plain JSON: the
+    training sampler's class weights and the hard-selection tracker) is stored under
+    ``sampler.selection`` when given.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -129,6 +133,7 @@ def save_checkpoint(
         "sampler": {
             "position": step if sampler_position is None else sampler_position,
             "seed": sampler_seed,
+            **({"selection": selection} if selection is not None else {}),
         },
         "optimizer": optim_json,
         "scheduler": _scheduler_state(scheduler),
@@ -185,6 +190,7 @@ def load_checkpoint(
         sampler_seed=sampler.get("seed"),
         best=record.get("best"),
         metadata=record.get("metadata") or {},
+        selection=sampler.get("selection"),
     )
 
 

@@ -6,6 +6,8 @@ One step, in order::
     loss, metrics = learner.meta_loss(batch)        # NaN/inf here -> TrainingDiverged
     loss.backward(); clip; set lr; optimizer.step()  # meta_loss under bf16 autocast if asked
     step += 1
+    hard task selection: fold the batch's query errors into the tracker; every
+    tracker_every steps, set the sampler's class weights from it
     log every log_every, validate every val_every (and at train.steps), checkpoint every
     checkpoint_every (and when fit returns)
 
@@ -13,7 +15,8 @@ Step ``s`` (1-based, the number of optimizer updates done) trains on ``train_sam
 and the sampler is a pure function of ``(seed, index)``, so the step number *is* the sampler
 position. The learning rate is computed from the step (no scheduler state), validation runs
 under a forked RNG (it never moves the training random stream), and a checkpoint stores the
-weights, Adam's moments and step counters, and every global RNG. Together these make a run
+weights, Adam's moments and step counters, every global RNG, and the training sampler's task
+selection (class weights and the hard-selection tracker's error rates). Together these make a run
 stopped at any checkpoint and resumed bitwise identical, on the same device and thread count,
 to a run that never stopped.
 
@@ -63,6 +66,20 @@ class BatchSampler(Protocol):
     seed: int
 
     def batch(self, index: int) -> TaskBatch: ...
+
+
+class ClassTracker(Protocol):
+    """What ``hard`` task selection needs (``metaml.taskrep.HardClassTracker`` fits)."""
+
+    error: Any
+
+    def observe(self, classes: Tensor, query_y: Tensor, logits: Tensor) -> None: ...
+
+    def weights(self) -> Any: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
 
 
 class EpisodeSource(Protocol):
@@ -140,6 +157,41 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     return value > best if metric == "accuracy" else value < best
 
 
+def _selection_mode(sampler: object) -> str:
+    """The sampler's ``task_selection`` (``"uniform"`` for samplers without one)."""
+    return str(getattr(sampler, "task_selection", "uniform"))
+
+
+def _hard_selection_tracker(
+    learner: MetaLearner, sampler: object, tracker: ClassTracker | None
+) -> ClassTracker | None:
+    """The tracker of ``hard`` selection (a default one if none is given), checked; else None."""
+    mode = _selection_mode(sampler)
+    if mode != "hard":
+        if tracker is not None:
+            raise UserError(
+                f"a tracker drives task_selection='hard'; the training sampler's is {mode!r}"
+            )
+        return None
+    if not getattr(learner, "exposes_query_outputs", False):
+        raise UserError(
+            f"task_selection='hard' reads the learner's query outputs during meta-training; "
+            f"{type(learner).__name__} does not expose them: use ProtoNet or a MAML-family "
+            "learner, or task_selection='uniform' or 'nearest'"
+        )
+    num_classes = int(getattr(sampler, "num_classes", 0))
+    if tracker is None:
+        from metaml.taskrep.selection import HardClassTracker  # lazy: taskrep is heavier
+
+        return HardClassTracker(num_classes)
+    if len(tracker.error) != num_classes:
+        raise UserError(
+            f"the tracker follows {len(tracker.error)} classes, the sampler draws from {num_classes}; "
+            "build it with HardClassTracker(sampler.num_classes)"
+        )
+    return tracker
+
+
 def _cuda_indices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
@@ -154,6 +206,12 @@ class Trainer:
     ``best.safetensors``/``best.json`` for the best validation score. ``metric_name`` picks
     which of ``meta_loss``'s metrics the progress bar shows next to the loss (default: the
     first one that is not ``loss``). ``device`` defaults to where the learner's parameters are.
+
+    With a training sampler whose ``task_selection`` is ``"hard"``, ``tracker`` (default: a
+    :class:`~metaml.taskrep.HardClassTracker` with its default options) folds in each batch's
+    query errors per dataset class, read from ``learner.meta_loss_with_outputs`` (the outputs the
+    meta-loss computed anyway: no extra forward pass), and every ``tracker_every`` steps the
+    sampler's class weights are set from it. Both are saved with every checkpoint.
 
     Example:
         >>> # summary = Trainer(learner, train, val, TrainConfig(steps=1000), Path("runs/a")).fit()
@@ -170,6 +228,8 @@ class Trainer:
         device: torch.device | str | None = None,
         quiet: bool = False,
         metric_name: str | None = None,
+        tracker: ClassTracker | None = None,
+        tracker_every: int = 10,
     ):
         self.learner = learner
         self.train_sampler = train_sampler
@@ -189,6 +249,10 @@ class Trainer:
         self.elapsed = 0.0  # training seconds before this process (from the checkpoint)
         self.last_loss: float | None = None
         self._resumed = False
+        self.tracker = _hard_selection_tracker(learner, train_sampler, tracker)
+        if tracker_every < 1:
+            raise UserError(f"tracker_every must be >= 1; got {tracker_every}")
+        self.tracker_every = tracker_every
 
     # --- public API ----------------------------------------------------------------------
 
@@ -208,6 +272,7 @@ class Trainer:
                 f"{path.name} was trained with sampler seed {state.sampler_seed}, "
                 f"not {seed}; resume with the run's own config.yaml"
             )
+        self._restore_selection(state.selection, path)
         self.step = state.step
         self.best = state.best
         self.elapsed = float(state.metadata.get("elapsed", 0.0))
@@ -270,8 +335,12 @@ class Trainer:
         batch = self.train_sampler.batch(self.step).to(self.device)
         # bf16: matmuls and convolutions in bfloat16 (forward and backward), weights, optimizer
         # state and the loss in float32. Only worth it where the CPU or GPU has bf16 units.
+        outputs: Tensor | None = None
         with torch.autocast(self.device.type, torch.bfloat16, self.config.precision == "bf16"):
-            loss, metrics = self.learner.meta_loss(batch)
+            if self.tracker is None:
+                loss, metrics = self.learner.meta_loss(batch)
+            else:
+                loss, metrics, outputs = self.learner.meta_loss_with_outputs(batch)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise self._diverged("loss", loss_value)
@@ -289,7 +358,20 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.last_loss = loss_value
+        if outputs is not None:
+            self._observe(batch, outputs)
         return {**record, "loss": loss_value, "lr": lr}
+
+    def _observe(self, batch: TaskBatch, outputs: Tensor) -> None:
+        """Hard selection: fold the batch's query errors in; refresh the class weights on time."""
+        assert self.tracker is not None
+        if batch.classes is None:
+            raise UserError("task_selection='hard' needs batches that carry their classes")
+        self.tracker.observe(batch.classes, batch.query_y, outputs.float())
+        if self.step % self.tracker_every == 0:
+            # Batch `step` (the next one) is the first drawn with the new weights; the
+            # checkpoint saved after this step holds them, so a resume draws it alike.
+            cast(Any, self.train_sampler).set_class_weights(self.tracker.weights())
 
     def _after_step(self, metrics: dict[str, float], bar: tqdm[Any]) -> None:
         """Log, validate and checkpoint when their intervals (or the end of training) come up."""
@@ -341,7 +423,31 @@ class Trainer:
             },
             name=name,
             keep=self.config.keep_checkpoints if name is None else None,
+            selection=self._selection_state(),
         )
+
+    def _selection_state(self) -> dict[str, Any] | None:
+        """The training sampler's task selection and the tracker, as JSON; None when uniform."""
+        if _selection_mode(self.train_sampler) == "uniform":
+            return None  # checkpoints of uniform runs stay as they always were
+        state: dict[str, Any] = cast(Any, self.train_sampler).selection_state()
+        state["tracker"] = None if self.tracker is None else self.tracker.state()
+        return state
+
+    def _restore_selection(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """Put the sampler's class weights and the tracker back as the checkpoint holds them."""
+        mode = _selection_mode(self.train_sampler)
+        saved_mode = (saved or {}).get("task_selection", "uniform")
+        if saved_mode != mode:
+            raise UserError(
+                f"{path.name} was trained with task_selection={saved_mode}, not {mode}; "
+                "resume with the run's own config.yaml"
+            )
+        if saved is None:
+            return
+        cast(Any, self.train_sampler).load_selection_state(saved)
+        if self.tracker is not None:
+            self.tracker.load_state(saved.get("tracker") or {})
 
     def _check_finite_weights(self) -> None:
         for name, tensor in self.learner.state_dict().items():
