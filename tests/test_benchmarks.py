@@ -54,3 +54,18 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     table = render(results)
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
     assert done.stdout.count("| conv4-") >= 4  # the table was printed
+
+
+def test_mann_synthetic_episodes_hold_new_classes_ten_times_each() -> None:
+    from benchmarks.mann_synthetic import first_crossing, synthetic_batch
+
+    x, y = synthetic_batch(torch.Generator().manual_seed(0))
+    assert x.shape == (16, 50, 400)
+    assert all(torch.bincount(row, minlength=5).tolist() == [10] * 5 for row in y)
+    # instances of a class are nearer each other than to other classes (noise 0.5 vs spread 1)
+    first = x[0][y[0] == 0]
+    other = x[0][y[0] == 1]
+    assert torch.cdist(first, first).mean() < torch.cdist(first, other).mean()
+    history = [torch.full((10,), 0.2)] * 200 + [torch.full((10,), 0.9)] * 100
+    assert first_crossing(history, 5, 0.5) == 300
+    assert first_crossing(history[:200], 5, 0.5) is None
