@@ -23,18 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import append_section, machine
+from benchmarks.common import OMNIGLOT, append_section, held_out_alphabets, machine
 from metaml.algorithms import create_learner
 from metaml.algorithms.base import MetaLearner
 from metaml.config import load_config
-from metaml.data import ClassDataset, load
 from metaml.evaluate import compare, evaluate
 from metaml.taskrep import HardClassTracker, nearest_class_weights
 from metaml.tasks import EpisodeSampler
@@ -72,9 +70,7 @@ def fit(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--omniglot", default=str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
-    )
+    parser.add_argument("--omniglot", default=OMNIGLOT)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--episodes", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=2)
@@ -83,13 +79,7 @@ def main() -> None:
     torch.set_num_threads(1)
     threadpool_limits(1)
     started = time.perf_counter()
-    ds = load("omniglot-small", root=args.omniglot)
-    assert isinstance(ds, ClassDataset)
-    alphabets = list(np.random.default_rng(0).permutation(ds.groups))  # as kb_warmstart
-    test_names, train_names = alphabets[:2], alphabets[2:]
-    groups = np.asarray(ds.class_groups)
-    train = ds.subset_classes(np.flatnonzero(np.isin(groups, train_names)))
-    test = ds.subset_classes(np.flatnonzero(np.isin(groups, test_names)))
+    train, test, train_names, test_names = held_out_alphabets(args.omniglot)  # as kb_warmstart
     index, _ = test.padded_class_index()
     target_x = test.images[torch.from_numpy(index[:, 0])].float() / 255  # first example per class
     target_y = torch.arange(test.num_classes)
@@ -118,7 +108,7 @@ def main() -> None:
             sampler = EpisodeSampler(train, ways=5, shots=1, queries=15, seed=seed,
                                      task_selection=selection, class_weights=weights)  # fmt: skip
             torch.manual_seed(seed)
-            learner = create_learner(cfg, ds.shape, "classification", ways=5)
+            learner = create_learner(cfg, train.shape, "classification", ways=5)
             fit(
                 learner,
                 sampler,

@@ -26,18 +26,17 @@ import copy
 import json
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import append_section, machine
+from benchmarks.common import OMNIGLOT, append_section, held_out_alphabets, machine
 from metaml.algorithms import create_learner
 from metaml.algorithms.base import MetaLearner
 from metaml.config import load_config
-from metaml.data import ClassDataset, load
+from metaml.data import ClassDataset
 from metaml.engine import Trainer
 from metaml.kb import KnowledgeBase
 from metaml.tasks import EpisodeSampler
@@ -77,9 +76,7 @@ def accuracy(predictor: Any, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--omniglot", default=str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
-    )
+    parser.add_argument("--omniglot", default=OMNIGLOT)
     parser.add_argument("--test-alphabets", type=int, default=2)
     parser.add_argument("--global-steps", type=int, default=200)
     parser.add_argument("--specialise-steps", type=int, default=40)
@@ -91,24 +88,18 @@ def main() -> None:
     threadpool_limits(1)
     started = time.perf_counter()
 
-    ds = load("omniglot-small", root=args.omniglot)
-    assert isinstance(ds, ClassDataset)
-    alphabets = list(np.random.default_rng(0).permutation(ds.groups))
-    test_names, train_names = alphabets[: args.test_alphabets], alphabets[args.test_alphabets :]
-    groups = np.asarray(ds.class_groups)
-    train = ds.subset_classes(np.flatnonzero(np.isin(groups, train_names)))
-    test = ds.subset_classes(np.flatnonzero(np.isin(groups, test_names)))
+    train, test, train_names, test_names = held_out_alphabets(args.omniglot, args.test_alphabets)
     print(f"train alphabets {train_names}; test alphabets {test_names}", flush=True)
 
     cfg = config(args.omniglot, args.global_steps)
     spec = {
-        "input_shape": list(ds.shape),
+        "input_shape": list(train.shape),
         "task_type": "classification",
         "ways": 5,
         "num_classes": 0,
     }
     torch.manual_seed(0)
-    init = create_learner(cfg, ds.shape, "classification", ways=5)
+    init = create_learner(cfg, train.shape, "classification", ways=5)
     meta_train(init, train, args.global_steps, seed=0, cfg=cfg)
     print(f"global init trained in {time.perf_counter() - started:.0f} s", flush=True)
 
