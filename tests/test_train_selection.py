@@ -99,11 +99,11 @@ def test_selection_on_a_task_family_is_a_user_error() -> None:
 
 def test_trainer_refuses_hard_selection_for_a_learner_without_outputs(tmp_path: Path) -> None:
     data = twin_npz(tmp_path / "d.npz")
-    cfg = load_config(None, [*base_overrides(data), "algorithm.name=reptile"])
+    cfg = load_config(None, [*base_overrides(data), "algorithm.name=baseline"])
     train = runs.build_samplers(cfg).train
     hard = EpisodeSampler(train.source, ways=3, shots=1, queries=2, task_selection="hard")
     learner = runs.build_learner(cfg, train)
-    with pytest.raises(UserError, match="Reptile does not expose"):
+    with pytest.raises(UserError, match="Baseline does not expose"):
         Trainer(learner, hard, None, cfg.train, tmp_path / "run")
     protonet = runs.build_learner(
         load_config(None, [*base_overrides(data), "algorithm.name=protonet"]), train
@@ -178,9 +178,16 @@ def confusable_dataset() -> ClassDataset:
     return ClassDataset(images, torch.from_numpy(labels), [f"c{c}" for c in range(12)])
 
 
-@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+ALGORITHM_OPTIONS = {
+    "protonet": [],
+    "maml": ["algorithm.vectorize=loop", "algorithm.inner_lr=0.5"],
+    "reptile": ["algorithm.batched=false", "algorithm.inner_lr=0.01"],
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_OPTIONS))
 def test_hard_weights_move_toward_the_confused_classes(tmp_path: Path, algorithm: str) -> None:
-    maml = ["algorithm.vectorize=loop", "algorithm.inner_lr=0.5"] if algorithm == "maml" else []
+    maml = ALGORITHM_OPTIONS[algorithm]
     cfg = load_config(None, [f"algorithm.name={algorithm}", *maml, "data.task_selection=hard",
                              "data.selection.decay=0.7", "data.selection.update_every=5",
                              "model.backbone=mlp", "model.backbone_options={hidden: [32]}",

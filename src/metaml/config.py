@@ -63,7 +63,7 @@ SELECTION_OPTIONS = {
     "hard": ("decay", "uniform_mix", "update_every"),
 }
 #: Learners whose meta_loss exposes the query outputs that ``hard`` selection reads.
-HARD_SELECTION_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "protonet")
+HARD_SELECTION_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "reptile", "protonet")
 
 
 class DataConfig(_Strict):

@@ -62,7 +62,7 @@ class MetaLearner(nn.Module, ABC):
         """
         raise UserError(
             f"{type(self).__name__} does not expose its query outputs during meta-training, which "
-            "task_selection='hard' needs; use ProtoNet or a MAML-family learner, or another task_selection"
+            "task_selection='hard' needs; use ProtoNet, Reptile or a MAML-family learner, or another task_selection"
         )
 
     @abstractmethod

@@ -135,6 +135,8 @@ class Reptile(MetaLearner):
                 params = sgd_step(params, grads, self.inner_lr)
         return params
 
+    exposes_query_outputs = True
+
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         """A surrogate with gradient ``θ − mean_i φ_i`` and value = mean query loss at ``φ_i``.
 
@@ -143,6 +145,18 @@ class Reptile(MetaLearner):
             >>> r = Reptile(create_backbone("mlp"), task_type="regression", batched=False)
             >>> r.meta_loss(TaskBatch(*(torch.randn(2, 5, 1) for _ in range(4))))[1]["loss"] > 0
             True
+        """
+        loss, metrics, _ = self.meta_loss_with_outputs(batch)
+        return loss, metrics
+
+    def meta_loss_with_outputs(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float], Tensor]:
+        """:meth:`meta_loss` and the query outputs ``(B, Q, outputs)`` at each task's ``φ_i``.
+
+        Example:
+            >>> from metaml.nn import create_backbone
+            >>> r = Reptile(create_backbone("mlp"), task_type="regression", batched=False)
+            >>> r.meta_loss_with_outputs(TaskBatch(*(torch.randn(2, 5, 1) for _ in range(4))))[2].shape
+            torch.Size([2, 5, 1])
         """
         batches = self._minibatches(
             batch.support_x.shape[1], self.inner_steps, batch.support_x.device
@@ -165,7 +179,7 @@ class Reptile(MetaLearner):
         loss = query_loss + surrogate - surrogate.detach()  # value: query loss; grad: θ − φ̄
         metric = "acc" if self.task_type == "classification" else "mse"
         score = task_score(self.task_type, outputs.flatten(0, 1), batch.query_y.flatten(0, 1))
-        return loss, {"loss": query_loss.item(), metric: score}
+        return loss, {"loss": query_loss.item(), metric: score}, outputs
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Run the inner optimizer on the support set; returns ``query_x -> outputs``.

@@ -176,7 +176,7 @@ def _hard_selection_tracker(
     if not getattr(learner, "exposes_query_outputs", False):
         raise UserError(
             f"task_selection='hard' reads the learner's query outputs during meta-training; "
-            f"{type(learner).__name__} does not expose them: use ProtoNet or a MAML-family "
+            f"{type(learner).__name__} does not expose them: use ProtoNet, Reptile or a MAML-family "
             "learner, or task_selection='uniform' or 'nearest'"
         )
     num_classes = int(getattr(sampler, "num_classes", 0))

@@ -10,11 +10,17 @@ Example:
 from __future__ import annotations
 
 from metaml.taskrep.encoder import TaskEncoder, prototype_summary
-from metaml.taskrep.selection import HardClassTracker, class_prototypes, nearest_class_weights
+from metaml.taskrep.selection import (
+    HardClassTracker,
+    class_examples,
+    class_prototypes,
+    nearest_class_weights,
+)
 
 __all__ = [
     "HardClassTracker",
     "TaskEncoder",
+    "class_examples",
     "class_prototypes",
     "nearest_class_weights",
     "prototype_summary",
