@@ -38,6 +38,7 @@ from metaml.tasks import EpisodeSampler, TaskBatch
 PAPER = {1: 36.4, 2: 82.8, 3: 91.0, 4: 92.6, 5: 94.9, 10: 98.1}
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 INSTANCES = 10
+TRAINING = "training.json"  # steps done and their wall and CPU seconds, after every chunk
 
 
 def load_run_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -66,6 +67,7 @@ def train_within(
     is this process's CPU time (the machine is shared: wall-clock time depends on the others).
     """
     started, cpu_started, done = time.perf_counter(), time.process_time(), 0
+    info: dict[str, Any] = {"steps": 0, "train_s": 0.0, "train_cpu_s": 0.0}
     while done < cfg.train.steps and time.process_time() - cpu_started < budget_s:
         train_cfg = cfg.train.model_copy(update={"steps": min(done + chunk, cfg.train.steps)})
         trainer = Trainer(
@@ -73,13 +75,13 @@ def train_within(
         )
         summary = (trainer.resume() if done else trainer).fit()
         done = int(summary["step"])
-        elapsed = time.perf_counter() - started
-        print(
-            f"step {done}: {done / elapsed:.2f} steps/s, best val {summary.get('best_value')}",
-            flush=True,
-        )
-    cpu_s = time.process_time() - cpu_started
-    return {"steps": done, "train_s": time.perf_counter() - started, "train_cpu_s": cpu_s}
+        info = {"steps": done, "train_s": time.perf_counter() - started,
+                "train_cpu_s": time.process_time() - cpu_started}  # fmt: skip
+        # written after every chunk, so a run stopped by hand is still scored with its cost
+        atomic_write_text(run_dir / TRAINING, json.dumps(info))
+        print(f"step {done}: {done / info['train_s']:.2f} steps/s, "
+              f"best val {summary.get('best_value')}", flush=True)  # fmt: skip
+    return info
 
 
 def by_instance(
@@ -202,12 +204,11 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", args.config.read_text(encoding="utf-8"))
         info = train_within(cfg, learner, data, run_dir, 60 * args.budget_min, args.chunk)
-    else:
-        info = (
-            json.loads((run_dir / "by-instance.json").read_text())
-            if (run_dir / "by-instance.json").exists()
-            else info
-        )
+    else:  # the training cost as the training run left it
+        for name in (TRAINING, "by-instance.json"):
+            if (run_dir / name).exists():
+                info = json.loads((run_dir / name).read_text())
+                break
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None, f"{run_dir} has no checkpoint"
     load_checkpoint(checkpoint, learner, restore_rng=False)
