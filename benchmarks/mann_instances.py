@@ -41,9 +41,9 @@ INSTANCES = 10
 TRAINING = "training.json"  # steps done and their wall and CPU seconds, after every chunk
 
 
-def load_run_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The run config and MANN's options from a YAML file."""
-    cfg = load_config(path)
+def load_run_config(path: Path, overrides: list[str]) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config and MANN's options from a YAML file and ``a.b=value`` overrides."""
+    cfg = load_config(path, overrides)
     return cfg, cfg.algorithm.model_dump(exclude={"name"})
 
 
@@ -193,16 +193,17 @@ def main() -> None:
         "--eval-only", action="store_true", help="score the run's latest checkpoint"
     )
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, as metaml train")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg, options = load_run_config(args.config)
+    cfg, options = load_run_config(args.config, args.set)
     torch.manual_seed(cfg.seed)
     data, learner = build(cfg, options)
     run_dir: Path = args.run_dir
     info: dict[str, Any] = {"steps": 0, "train_s": 0.0}
     if not args.eval_only:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", args.config.read_text(encoding="utf-8"))
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         info = train_within(cfg, learner, data, run_dir, 60 * args.budget_min, args.chunk)
     else:  # the training cost as the training run left it
         for name in (TRAINING, "by-instance.json"):
