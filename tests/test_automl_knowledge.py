@@ -131,3 +131,25 @@ def test_shipped_knowledge_matches_the_corpus_and_the_meta_features() -> None:
     assert (
         (kb.scores[np.isfinite(kb.scores)] >= 0) & (kb.scores[np.isfinite(kb.scores)] <= 1)
     ).all()
+
+
+def test_shipped_knowledge_is_v2_and_contains_v1() -> None:
+    """v2 (the default) extends v1: v1's datasets and candidates, evaluated the same way."""
+    from importlib import resources
+
+    data = resources.files("metaml.automl").joinpath("data")
+    assert data.joinpath("knowledge_v2.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
+    v2 = MetaKnowledge.load()
+    v1 = MetaKnowledge.load(str(data.joinpath("knowledge_v1.json.gz")))
+    assert len(v2.names) >= 80 and len(v2.configurations) == 64
+    assert np.isfinite(v2.scores).all()  # the export kept only complete datasets
+    assert set(v1.names) <= set(v2.names)
+    assert {c.key for c in v1.configurations} <= {c.key for c in v2.configurations}
+    assert {k: v2.info[k] for k in ("folds", "max_rows", "seed")} == {
+        k: v1.info[k] for k in ("folds", "max_rows", "seed")
+    }
+    # The same evaluations give the same scores (v2 extended v1's storage).
+    col = {c.key: j for j, c in enumerate(v2.configurations)}
+    row = v2.names.index(v1.names[0])
+    v1_in_v2 = [v2.scores[row, col[c.key]] for c in v1.configurations]
+    np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)

@@ -7,14 +7,19 @@ import pytest
 
 from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
 from metaml.automl.recommend import (
+    InnerCV,
+    LocalPortfolio,
     MetaFeatureScaler,
     MetaModel,
     NearestDatasets,
     RandomOrder,
     SingleDefault,
     StaticPortfolio,
+    greedy_portfolio,
+    local_portfolio,
     make_recommender,
     normalised_scores,
+    rank_scores,
 )
 from metaml.errors import UserError
 
@@ -123,3 +128,63 @@ def test_leave_one_dataset_out_never_learns_from_the_test_family() -> None:
     leaky = leave_one_dataset_out(alone, {"nearest": lambda i: [NearestDatasets(k=1)]})
     assert leaky["nearest"][:, 0].tolist() == [1.0] * n
     assert (res["nearest"][:, -1] == 1.0).all()  # all candidates tried: the best is found
+
+
+def test_greedy_portfolio_stops_after_n_steps_and_fills_by_mean() -> None:
+    norm = np.array([[1.0, 0.0, 0.5, 0.9], [0.0, 1.0, 0.5, 0.0], [0.0, 1.0, 0.5, 0.0]])
+    # Greedy: c1 (2/3); then c0 and c3 both reach 1 -> c0 (lower index); then c2, c3.
+    assert greedy_portfolio(norm) == [1, 0, 2, 3]
+    # One greedy step, then by mean score: c2 (0.5), c0 (1/3), c3 (0.3).
+    assert greedy_portfolio(norm, n=1) == [1, 2, 0, 3]
+    assert greedy_portfolio(np.array([[np.nan, 0.2]])) == [1, 0]  # NaN counts as 0
+
+
+def test_rank_scores_by_hand() -> None:
+    s = np.array([[0.5, np.nan, 0.9, 0.7], [0.6, 0.6, 0.6, 0.6], [np.nan, 0.3, np.nan, np.nan]])
+    np.testing.assert_allclose(
+        rank_scores(s),
+        [[0.0, np.nan, 1.0, 0.5], [0.5, 0.5, 0.5, 0.5], [np.nan, 1.0] + [np.nan] * 2],
+    )
+
+
+def test_local_portfolio_between_nearest_and_static() -> None:
+    kb = _clustered_kb()
+    static = [r.config for r in StaticPortfolio().fit(kb).rank(np.zeros(2))]
+    every = [r.config for r in LocalPortfolio(k=None).fit(kb).rank(np.array([-3.0, 0.0]))]
+    assert every == static  # all datasets: the static portfolio, whatever the meta-features
+    for k in (1, 5):
+        local = LocalPortfolio(k=k).fit(kb)
+        first = local.rank(np.array([-3.1, 0.0]), n=2)
+        assert len(first) == 2 and first[0].config == CANDS[2]
+        assert first[0].source == f"local portfolio: {k} nearest"
+        assert local.rank(np.array([2.9, 0.0]))[0].config == CANDS[5]
+    ranking = LocalPortfolio(k=5).fit(kb).rank(np.array([2.9, 0.0]))
+    assert sorted(r.config.key for r in ranking) == sorted(c.key for c in CANDS)
+
+
+def test_inner_cv_chooses_k_on_the_training_datasets_only() -> None:
+    kb = _clustered_kb()
+    rec = InnerCV(lambda k: LocalPortfolio(k=k), [None, 3]).fit(kb)
+    # The two clusters want different candidates: the static portfolio (k=None) gets half of
+    # them wrong at the first evaluation, the 3 nearest get them right.
+    assert rec.chosen_ == 3
+    assert rec.cv_scores_[1] > rec.cv_scores_[0]
+    assert rec.name == "local portfolio (inner CV)"
+    assert rec.rank(np.array([-3.1, 0.0]), n=1)[0].config == CANDS[2]
+    # The same data without meta-feature signal: k=None is as good, and ties go to the first.
+    flat = MetaKnowledge(
+        kb.names, kb.families, kb.metafeature_names, kb.metafeatures, CANDS,
+        np.tile(np.linspace(0.5, 0.9, 8), (len(kb.names), 1)), kb.fit_times, {},
+    )  # fmt: skip
+    assert InnerCV(lambda k: LocalPortfolio(k=k), [None, 3]).fit(flat).chosen_ is None
+    assert isinstance(make_recommender("local"), InnerCV)
+    assert local_portfolio(grid=[1, 2]).grid == [1, 2]
+
+
+def test_meta_model_on_ranks() -> None:
+    kb = _clustered_kb()
+    model = MetaModel(n_estimators=50, target="rank").fit(kb)
+    assert model.rank(np.array([-3.0, 0.5]))[0].config == CANDS[2]
+    assert model.rank(np.array([3.0, -0.5]))[0].config == CANDS[5]
+    with pytest.raises(UserError, match="target must be"):
+        MetaModel(target="ranks")

@@ -149,7 +149,11 @@ DropOption = Annotated[
     list[str] | None, typer.Option("--drop", help="A column to leave out, e.g. an ID (repeatable).")
 ]
 MethodOption = Annotated[
-    str, typer.Option(help="Recommender: nearest (auto-sklearn warm start), meta-model or static.")
+    str,
+    typer.Option(
+        help="Recommender: nearest (auto-sklearn warm start), meta-model, static, or local (the "
+        "greedy portfolio of the nearest datasets)."
+    ),
 ]
 KnowledgeOption = Annotated[
     Path | None,

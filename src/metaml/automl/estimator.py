@@ -42,7 +42,7 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
     Parameters:
         knowledge: a :class:`MetaKnowledge`, a path to a meta-knowledge file, or None for
             the shipped one.
-        method: ``"nearest"``, ``"meta-model"`` or ``"static"``.
+        method: ``"nearest"``, ``"meta-model"``, ``"static"`` or ``"local"``.
         n_evaluations: recommended configurations to cross-validate (1: take the first).
         cv: folds of that cross-validation.
         random_state: seed of the folds and of the chosen estimator.

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from metaml.data.tabular import TabularTask
 
 FORMAT = "metaml-knowledge-1"
-KNOWLEDGE_FILE = "knowledge_v1.json.gz"
+KNOWLEDGE_FILE = "knowledge_v2.json.gz"  # v1 (32 x 40) stays in the package for comparison
 STUDY_PREFIX = "metaml-kb/"
 
 

@@ -7,10 +7,15 @@ datasets only) and return a ranking of its candidate configurations with a predi
   nearest training datasets (L1 distance between normalised meta-features), nearest first;
   predicted score = that configuration's mean normalised score over the ``k`` nearest.
 - :class:`MetaModel` -- a random forest regressor that predicts a configuration's normalised
-  score (0 = worst candidate on that dataset, 1 = best) from the dataset's meta-features and
-  the configuration's encoding; candidates ranked by prediction.
+  score (0 = worst candidate on that dataset, 1 = best) or its rank among the candidates of
+  that dataset (``target="rank"``) from the dataset's meta-features and the configuration's
+  encoding; candidates ranked by prediction.
 - :class:`StaticPortfolio` -- ignores meta-features: a greedy portfolio that maximises the
   mean over training datasets of the best normalised score among the chosen configurations.
+- :class:`LocalPortfolio` -- the same greedy portfolio, built on the ``k`` nearest training
+  datasets only (``k=1``: the nearest dataset's order; ``k=None``: the static portfolio).
+- :class:`InnerCV` -- chooses a recommender's setting (e.g. that ``k``) by leave-one-family-out
+  over the training datasets only.
 - :class:`RandomOrder` and :class:`SingleDefault` -- the baselines.
 
 Meta-features are normalised by a signed ``log1p`` (counts and ratios span orders of magnitude)
@@ -30,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +74,30 @@ def normalised_scores(scores: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(span > 0, (scores - lo) / np.where(span > 0, span, 1.0), 1.0)
     return np.where(np.isnan(scores), np.nan, out)
+
+
+def rank_scores(scores: np.ndarray) -> np.ndarray:
+    """Per dataset (row): the rank of each evaluated configuration scaled to 0 (worst) .. 1
+    (best), ties sharing their mean rank; NaN stays NaN, a single value is 1.
+
+    Unlike :func:`normalised_scores` one failing configuration does not squash the others
+    together near 1, so a model fitted on ranks spends itself on the order among the good
+    configurations.
+
+    Example:
+        >>> rank_scores(np.array([[0.5, np.nan, 0.9, 0.89], [0.6, 0.6, 0.7, 0.5]])).tolist()
+        [[0.0, nan, 1.0, 0.5], [0.5, 0.5, 1.0, 0.0]]
+    """
+    from scipy.stats import rankdata
+
+    out = np.full(np.shape(scores), np.nan)
+    for i, row in enumerate(np.asarray(scores, dtype=float)):
+        ok = ~np.isnan(row)
+        if ok.sum() == 1:
+            out[i, ok] = 1.0
+        elif ok.any():
+            out[i, ok] = (rankdata(row[ok]) - 1) / (ok.sum() - 1)
+    return out
 
 
 class MetaFeatureScaler:
@@ -223,8 +252,10 @@ def encode_configuration(config: Configuration) -> dict[str, float]:
 
 
 class MetaModel(Recommender):
-    """A random forest that predicts a configuration's normalised score from the dataset's
-    meta-features and the configuration; candidates ranked by the prediction.
+    """A random forest that predicts a configuration's normalised score (``target=
+    "normalised"``) or its scaled rank among the dataset's candidates (``"rank"``,
+    :func:`rank_scores`) from the dataset's meta-features and the configuration; candidates
+    ranked by the prediction.
 
     Example:
         >>> MetaModel(n_estimators=50).n_estimators
@@ -233,9 +264,14 @@ class MetaModel(Recommender):
 
     name = "meta-model"
 
-    def __init__(self, n_estimators: int = 200, random_state: int = 0) -> None:
+    def __init__(
+        self, n_estimators: int = 200, random_state: int = 0, target: str = "normalised"
+    ) -> None:
+        if target not in ("normalised", "rank"):
+            raise UserError(f"target must be 'normalised' or 'rank', got {target!r}")
         self.n_estimators = n_estimators
         self.random_state = random_state
+        self.target = target
 
     def fit(self, kb: MetaKnowledge) -> MetaModel:
         """Fit the forest on every (training dataset, evaluated configuration) pair."""
@@ -249,7 +285,8 @@ class MetaModel(Recommender):
         self.config_matrix_ = np.array(
             [[e.get(k, -10.0) for k in self.columns_] for e in encodings]
         )  # -10: "not this algorithm's parameter", below every log10 value in the spaces
-        rows, cols = np.nonzero(~np.isnan(self.normalised_))
+        y = rank_scores(kb.scores) if self.target == "rank" else self.normalised_
+        rows, cols = np.nonzero(~np.isnan(y))
         features = np.hstack([z[rows], self.config_matrix_[cols]])
         self.forest_ = RandomForestRegressor(
             n_estimators=self.n_estimators,
@@ -257,11 +294,11 @@ class MetaModel(Recommender):
             max_features=0.5,
             n_jobs=1,
             random_state=self.random_state,
-        ).fit(features, self.normalised_[rows, cols])
+        ).fit(features, y[rows, cols])
         return self
 
     def predict(self, metafeatures: Mapping[str, float] | np.ndarray) -> np.ndarray:
-        """Predicted normalised score of every candidate configuration."""
+        """Predicted normalised score (or scaled rank) of every candidate configuration."""
         vec = _as_vector(metafeatures, self.kb_.metafeature_names)
         z = self.scaler_.transform(vec[None])
         features = np.hstack([np.repeat(z, len(self.config_matrix_), axis=0), self.config_matrix_])
@@ -279,6 +316,31 @@ class MetaModel(Recommender):
         ]
 
 
+def greedy_portfolio(norm: np.ndarray, n: int | None = None) -> list[int]:
+    """Columns (candidates) in greedy order: each step adds the one that most raises the mean,
+    over rows (datasets), of the best normalised score among those chosen (NaN counts as 0, ties
+    go to the lower index); after ``n`` steps the rest follow by mean score.
+
+    Example:
+        >>> greedy_portfolio(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]]))
+        [1, 0, 2]
+    """
+    norm = np.nan_to_num(np.asarray(norm, dtype=float), nan=0.0)
+    steps = norm.shape[1] if n is None else min(n, norm.shape[1])
+    best = np.zeros(len(norm))
+    order: list[int] = []
+    remaining = np.arange(norm.shape[1])
+    for _ in range(steps):
+        values = np.maximum(best[:, None], norm[:, remaining]).mean(axis=0)
+        pick = int(remaining[int(np.argmax(values))])
+        order.append(pick)
+        best = np.maximum(best, norm[:, pick])
+        remaining = remaining[remaining != pick]
+    # Past the greedy steps the order only fills the list; mean score is a cheap fair choice.
+    rest = remaining[np.argsort(-norm[:, remaining].mean(axis=0), kind="stable")]
+    return order + [int(j) for j in rest]
+
+
 class StaticPortfolio(Recommender):
     """A greedy portfolio that ignores meta-features (auto-sklearn 2.0's): each step adds the
     configuration that most raises the mean, over training datasets, of the best normalised
@@ -294,19 +356,7 @@ class StaticPortfolio(Recommender):
     def fit(self, kb: MetaKnowledge) -> StaticPortfolio:
         """Compute the greedy order once."""
         super().fit(kb)
-        norm = np.nan_to_num(self.normalised_, nan=0.0)
-        best = np.zeros(len(norm))
-        order: list[int] = []
-        gains: list[float] = []
-        remaining = list(range(norm.shape[1]))
-        while remaining:
-            values = [np.mean(np.maximum(best, norm[:, j])) for j in remaining]
-            pick = remaining[int(np.argmax(values))]
-            gains.append(float(np.max(values)))
-            order.append(pick)
-            best = np.maximum(best, norm[:, pick])
-            remaining.remove(pick)
-        self.order_ = order
+        self.order_ = greedy_portfolio(self.normalised_)
         self.mean_score_ = np.nanmean(self.normalised_, axis=0)
         return self
 
@@ -318,6 +368,117 @@ class StaticPortfolio(Recommender):
             Recommendation(self.kb_.configurations[j], float(self.mean_score_[j]), self.name)
             for j in self.order_[:n]
         ]
+
+
+class LocalPortfolio(Recommender):
+    """The greedy portfolio of :class:`StaticPortfolio`, built on the ``k`` nearest training
+    datasets (L1 on normalised meta-features, as :class:`NearestDatasets`).
+
+    ``k`` moves between the two: ``k=1`` ranks by the nearest dataset's own scores,
+    ``k=None`` (all datasets) is the static portfolio. A small ``k`` trusts the meta-features,
+    a large one averages out the noise of single datasets; :class:`InnerCV` chooses it.
+    The predicted score is the mean normalised score over the ``k`` nearest.
+
+    Example:
+        >>> LocalPortfolio(k=5).k
+        5
+    """
+
+    name = "local portfolio"
+
+    def __init__(self, k: int | None = 10, shuffle_seed: int | None = None) -> None:
+        self.k = k
+        self.shuffle_seed = shuffle_seed
+
+    def fit(self, kb: MetaKnowledge) -> LocalPortfolio:
+        """Scale the training meta-features (as :class:`NearestDatasets`)."""
+        super().fit(kb)
+        self.nearest_ = NearestDatasets(shuffle_seed=self.shuffle_seed).fit(kb)
+        return self
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """The greedy order on the ``k`` nearest datasets (at most ``n``)."""
+        near = self.nearest_.neighbours(metafeatures)[: self.k]
+        norm = self.normalised_[near]
+        with np.errstate(invalid="ignore"):
+            mean_near = np.nan_to_num(np.nanmean(norm, axis=0), nan=0.0)
+        source = f"local portfolio: {len(near)} nearest"
+        return [
+            Recommendation(self.kb_.configurations[j], float(mean_near[j]), source)
+            for j in greedy_portfolio(norm, n)[:n]
+        ]
+
+
+def mean_best_so_far(
+    rec: Recommender, kb: MetaKnowledge, i: int, norm: np.ndarray, budget: int
+) -> float:
+    """Mean over b = 1..``budget`` of the best normalised score of dataset ``i`` among the
+    first b recommendations of the fitted ``rec`` (a missing score counts as 0).
+
+    Example:
+        >>> mean_best_so_far.__name__
+        'mean_best_so_far'
+    """
+    index = {c.key: j for j, c in enumerate(kb.configurations)}
+    ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i], budget)]
+    best = np.maximum.accumulate(np.nan_to_num(norm[i, ranked], nan=0.0))
+    padded = np.concatenate([best, np.full(budget - len(best), best[-1])])
+    return float(padded.mean())
+
+
+class InnerCV(Recommender):
+    """Chooses a setting of a recommender by leave-one-family-out over the training datasets
+    only, then refits with it on all of them (nested cross-validation when the evaluation
+    leaves datasets out too).
+
+    The criterion is the mean over inner test datasets of :func:`mean_best_so_far` with
+    ``budget`` evaluations (5 by default, the warm start of ``metaml automl fit``: it rewards
+    a good first recommendation and a good first five). Ties go to the earlier grid value.
+
+    Example:
+        >>> rec = InnerCV(lambda k: LocalPortfolio(k=k), [1, 5, None])
+        >>> rec.grid
+        [1, 5, None]
+    """
+
+    def __init__(
+        self, make: Callable[[Any], Recommender], grid: Sequence[Any], budget: int = 5
+    ) -> None:
+        self.make = make
+        self.grid = list(grid)
+        self.budget = budget
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The wrapped recommender's name and ``(inner CV)``."""
+        return f"{self.make(self.grid[0]).name} (inner CV)"
+
+    def fit(self, kb: MetaKnowledge) -> InnerCV:
+        """Score every grid value on the training datasets, keep the best, refit on all."""
+        super().fit(kb)
+        self.cv_scores_ = [self._inner_score(value, kb) for value in self.grid]
+        self.chosen_ = self.grid[int(np.argmax(self.cv_scores_))]
+        self.best_ = self.make(self.chosen_).fit(kb)
+        return self
+
+    def _inner_score(self, value: Any, kb: MetaKnowledge) -> float:
+        families = np.array(kb.families)
+        results = []
+        for i in range(len(kb.names)):
+            train = np.flatnonzero(families != families[i])
+            if len(train) == 0:
+                continue
+            rec = self.make(value).fit(kb.subset(train))
+            results.append(mean_best_so_far(rec, kb, i, self.normalised_, self.budget))
+        return float(np.mean(results)) if results else 0.0
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """The ranking of the recommender with the chosen setting."""
+        return self.best_.rank(metafeatures, n)
 
 
 class RandomOrder(Recommender):
@@ -366,15 +527,32 @@ class SingleDefault(Recommender):
         return [Recommendation(cfg, math.nan, self.name)][:n]
 
 
+LOCAL_K_GRID: tuple[int | None, ...] = (1, 3, 5, 10, 20, 40, None)
+"""The ``k`` that :func:`local_portfolio` chooses from: the nearest dataset alone ... all."""
+
+
+def local_portfolio(grid: Sequence[int | None] = LOCAL_K_GRID, budget: int = 5) -> InnerCV:
+    """A :class:`LocalPortfolio` whose ``k`` is chosen by inner leave-one-family-out over the
+    training datasets (:class:`InnerCV`, ``budget`` evaluations).
+
+    Example:
+        >>> local_portfolio().grid[-1] is None
+        True
+    """
+    return InnerCV(lambda k: LocalPortfolio(k=k), grid, budget=budget)
+
+
 RECOMMENDERS: dict[str, Any] = {
     "nearest": NearestDatasets,
     "meta-model": MetaModel,
     "static": StaticPortfolio,
+    "local": local_portfolio,
 }
 
 
 def make_recommender(name: str, **kwargs: Any) -> Recommender:
-    """A recommender by name: ``nearest``, ``meta-model`` or ``static``.
+    """A recommender by name: ``nearest``, ``meta-model``, ``static`` or ``local``
+    (:func:`local_portfolio`).
 
     Example:
         >>> make_recommender("nearest", k=3).k

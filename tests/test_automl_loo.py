@@ -1,0 +1,52 @@
+"""The leave-one-dataset-out benchmark script on a tiny synthetic meta-knowledge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import automl_loo
+from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+
+CANDS = candidate_configurations(10)
+
+
+def _kb(n: int, configs: int = 10, seed: int = 0) -> MetaKnowledge:
+    rng = np.random.default_rng(seed)
+    names = [f"d{i}" for i in range(n)]
+    mf = rng.normal(size=(n, 2))
+    scores = 0.5 + 0.4 * rng.random((n, configs))
+    return MetaKnowledge(
+        names, names, ["f0", "f1"], mf, CANDS[:configs], scores, np.zeros((n, configs)), {}
+    )
+
+
+def test_evaluate_table_and_summary() -> None:
+    kb = _kb(6)
+    results = automl_loo.evaluate(kb, trees=5)
+    assert set(automl_loo.RECOMMENDER_NAMES) <= set(results)
+    for name, curves in results.items():
+        assert curves.shape == (6, 10)
+        assert (np.diff(curves, axis=1) >= -1e-12).all()  # best so far never drops
+        if not name.startswith("default"):
+            np.testing.assert_allclose(curves[:, -1], 1.0)  # every candidate tried: the best
+    table = automl_loo.table(results)
+    assert table.count("\n") == len(results) + 1
+    summary = automl_loo._summary(results, 10)
+    assert summary.count("first recommendation median") == len(automl_loo.RECOMMENDER_NAMES)
+
+
+def test_versus_old_uses_only_the_new_datasets() -> None:
+    new = _kb(8)
+    old = new.subset(np.arange(4))
+    old = MetaKnowledge(
+        old.names, old.families, old.metafeature_names, old.metafeatures,
+        CANDS[:6], old.scores[:, :6], old.fit_times[:, :6], {},
+    )  # fmt: skip
+    results = automl_loo.evaluate(new, trees=5)
+    text = automl_loo.versus_old(new, old, results, trees=5)
+    assert text.startswith("4 datasets new in `kb`")
+    assert text.count("\n| ") == len(automl_loo.recommenders()) + 1  # header and one per method
+    assert automl_loo.versus_old(new, new, results) == "no datasets new in `kb`."
+    with pytest.raises(ValueError, match="candidates the new one lacks"):
+        automl_loo.versus_old(old, new, results)
