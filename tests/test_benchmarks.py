@@ -13,13 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.run import conv4_forward_flops, count_flops, render
 from metaml.nn import create_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a top-level package beside src/, not installed
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.run import conv4_forward_flops, count_flops, render  # noqa: E402
 
 
 def test_flop_counter_matches_the_hand_count_of_conv4() -> None:
