@@ -134,12 +134,10 @@ def _task_selection(
 
     o = d.selection
     target_x, target_y = class_examples(_selection_target(cfg, splits), o.target_examples or 1)
+    # options left unset take nearest_class_weights' own defaults (one place holds them)
+    chosen = {k: v for k in ("temperature", "uniform_mix") if (v := getattr(o, k)) is not None}
     try:
-        weights = nearest_class_weights(
-            train, target_x, target_y, rotations=d.rotations,
-            temperature=0.1 if o.temperature is None else o.temperature,
-            uniform_mix=0.1 if o.uniform_mix is None else o.uniform_mix,
-        )  # fmt: skip
+        weights = nearest_class_weights(train, target_x, target_y, rotations=d.rotations, **chosen)
     except UserError as exc:  # e.g. images too small for the reference conv4
         raise UserError(
             f"data.task_selection=nearest compares classes with a reference conv4: {exc}"
