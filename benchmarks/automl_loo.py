@@ -124,6 +124,53 @@ def versus_old(
     return f"{len(rows)} datasets new in `kb`:\n\n" + "\n".join(lines)
 
 
+def retest(first: MetaKnowledge, second: MetaKnowledge, seed: int = 0) -> str:
+    """Markdown: how noisy one build's scores are, from a repeat with another split seed.
+
+    On the datasets both hold: the rank correlation of the candidates' scores between the two
+    repeats, the noise of one score, and a retest ceiling: the configuration(s) ranked best by
+    one repeat, scored by the other repeat's normalised scores (both directions averaged). That
+    is the first recommendation of a recommender that had already measured this very dataset
+    once, judged on a second measurement; a recommender that only sees other datasets should
+    not be expected to beat it.
+    """
+    common = [n for n in first.names if n in set(second.names)]
+    a = first.subset([first.names.index(n) for n in common]).scores
+    b = second.subset([second.names.index(n) for n in common]).scores
+    rho = np.array([stats.spearmanr(x, y).statistic for x, y in zip(a, b, strict=True)])
+    noise_sd = np.nanstd(a - b) / np.sqrt(2)
+    norm_a, norm_b = normalised_scores(a), normalised_scores(b)
+
+    def top_k(by: np.ndarray, judged: np.ndarray, k: int) -> np.ndarray:
+        order = np.argsort(-np.nan_to_num(by, nan=-np.inf), axis=1)[:, :k]
+        return np.nan_to_num(np.take_along_axis(judged, order, axis=1), nan=0.0).max(axis=1)
+
+    rng = np.random.default_rng(seed)
+    lines = ["| | median [95% CI] | mean |", "|---|---|---|"]
+    for k in (1, 5):
+        both = (top_k(a, norm_b, k) + top_k(b, norm_a, k)) / 2
+        lo, hi = _bootstrap_median_ci(both)
+        lines.append(
+            f"| retest ceiling after {k} | {np.median(both):.3f} [{lo:.3f}, {hi:.3f}] "
+            f"| {np.mean(both):.3f} |"
+        )
+    perms = np.array([rng.permutation(a.shape[1])[:25] for _ in range(200)])
+    rand25 = np.mean([np.nan_to_num(norm_b[:, p], nan=0.0).max(axis=1) for p in perms], axis=0)
+    lines.append(
+        f"| random search after 25, on the repeat | {np.median(rand25):.3f} | "
+        f"{np.mean(rand25):.3f} |"
+    )
+    return (
+        f"{len(common)} datasets in both repeats (split seeds "
+        f"{first.info.get('split_seeds', [first.info.get('seed')])} and "
+        f"{second.info.get('split_seeds', [second.info.get('seed')])}). Rank correlation of the "
+        f"{a.shape[1]} candidates' scores between the repeats, per dataset: median "
+        f"{np.nanmedian(rho):.2f} (quartiles {np.nanpercentile(rho, 25):.2f}, "
+        f"{np.nanpercentile(rho, 75):.2f}); noise of one score (SD of the difference / sqrt 2): "
+        f"{noise_sd:.4f} balanced accuracy.\n\n" + "\n".join(lines)
+    )
+
+
 def _bootstrap_median_ci(x: np.ndarray, seed: int = 0, reps: int = 2000) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     meds = np.median(rng.choice(x, size=(reps, len(x)), replace=True), axis=1)
@@ -214,8 +261,17 @@ def main() -> None:
         "--compare-with", type=Path, default=None, help="An older knowledge file to compare with."
     )
     parser.add_argument("--curves", type=Path, default=None, help="Save the curves (.npz).")
+    parser.add_argument(
+        "--retest",
+        type=Path,
+        default=None,
+        help="A repeat of the knowledge with another --split-seed: report only its noise.",
+    )
     args = parser.parse_args()
     kb = MetaKnowledge.load(args.knowledge)
+    if args.retest is not None:
+        print(retest(kb, MetaKnowledge.load(args.retest)))
+        return
     start = time.perf_counter()
     results = evaluate(kb)
     if args.curves is not None:

@@ -55,6 +55,57 @@ def test_build_writes_the_knowledge_file(
     assert "1 datasets x 8 configurations" in out
 
 
+def test_repeats_with_another_split_seed_merge_into_their_mean(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from metaml.automl.corpus import load_task
+    from metaml.automl.knowledge import cross_validate
+
+    base = ["automl", "build", "--corpus", str(corpus), "--task", "datasets/iris"]
+    base += ["--configs", "8", "--folds", "2", "--max-rows", "60"]
+    files = []
+    for split in (0, 1):
+        files.append(tmp_path / f"r{split}.json.gz")
+        store = ["--storage", str(tmp_path / f"r{split}.db"), "--out", str(files[-1])]
+        code, _, err = run_cli([*base, *store, "--split-seed", str(split)], capsys)
+        assert code == 0, err
+    r0, r1 = (MetaKnowledge.load(f) for f in files)
+    # Each repeat is its own cross-validation: another subsample and other folds.
+    iris_1 = load_task(TASKS[0], max_rows=60, seed=1)
+    direct, _ = cross_validate(r1.configurations[0], iris_1, folds=2, seed=1)
+    assert r1.scores[0, 0] == pytest.approx(direct, abs=1e-5)  # the file keeps 5 digits
+    assert not np.allclose(r0.scores, r1.scores)
+
+    merged_file = tmp_path / "merged.json.gz"
+    code, out, err = run_cli(
+        ["automl", "merge", *map(str, files), "--out", str(merged_file)], capsys
+    )
+    assert code == 0, err
+    merged = MetaKnowledge.load(merged_file)
+    np.testing.assert_allclose(merged.scores, (r0.scores + r1.scores) / 2, atol=1e-5)
+    assert merged.info["split_seeds"] == [0, 1] and "split seeds [0, 1]" in out
+
+    # A storage built with one split seed refuses evaluations on another's folds.
+    code, _, err = run_cli(
+        [*base, "--storage", str(tmp_path / "r0.db"), "--split-seed", "1"], capsys
+    )
+    assert code == 2 and "split seed 0" in err and "another --storage" in err
+    # Repeats of different protocols, or the same repeat twice, are not averaged.
+    code, _, err = run_cli(["automl", "merge", str(files[0]), str(files[0]), "--out", "x"], capsys)
+    assert code == 2 and "share a split seed" in err
+    other = tmp_path / "folds3.json.gz"
+    args = [*base[:-6], "--configs", "8", "--folds", "3", "--max-rows", "60", "--split-seed", "2"]
+    code, _, err = run_cli(
+        [*args, "--storage", str(tmp_path / "f3.db"), "--out", str(other)], capsys
+    )
+    assert code == 0, err
+    code, _, err = run_cli(["automl", "merge", str(files[0]), str(other), "--out", "x"], capsys)
+    assert code == 2 and "differ in folds" in err
+    assert not Path("x").exists()
+
+
 def test_build_errors_exit_2(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(
         ["automl", "build", "--corpus", str(corpus), "--task", "datasets/irs"], capsys

@@ -98,6 +98,14 @@ def build_cmd(
     ] = 1000,
     n_jobs: Annotated[int, typer.Option(help="Parallel workers (joblib), one task each.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the candidates, folds and subsamples.")] = 0,
+    split_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the folds and row subsamples only (default: --seed). A second build "
+            "with the same candidates and another split seed is a repeat; combine the files "
+            "with metaml automl merge to average out the noise of one split."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate the candidate configurations on the corpus tasks into an Optuna storage.
 
@@ -106,6 +114,8 @@ def build_cmd(
       metaml automl build --storage kb.db --tasks 40 --configs 32 --n-jobs 2 --out kb.json.gz
 
       metaml automl build --storage kb.db --out kb.json.gz   # resume after a crash
+
+      metaml automl build --storage kb-r1.db --split-seed 1 --out kb-r1.json.gz   # a repeat
     """
     from metaml.automl.corpus import CORPUS_VERSION
     from metaml.automl.knowledge import build_knowledge, candidate_configurations, export_knowledge
@@ -116,6 +126,7 @@ def build_cmd(
         raise UserError(f"--max-rows must be at least 20, got {max_rows}")
     chosen = _tasks(corpus, task, tasks, spread)
     candidates = candidate_configurations(configs, seed=seed)
+    split_seed = seed if split_seed is None else split_seed
     typer.echo(f"{len(chosen)} tasks x {len(candidates)} configurations into {storage}")
     build_knowledge(
         storage,
@@ -124,7 +135,7 @@ def build_cmd(
         folds=folds,
         max_rows=max_rows,
         n_jobs=n_jobs,
-        seed=seed,
+        seed=split_seed,
         progress=typer.echo,
     )
     if out is not None:
@@ -133,12 +144,40 @@ def build_cmd(
             "folds": folds,
             "max_rows": max_rows,
             "seed": seed,
+            "split_seeds": [split_seed],
         }
         kb = export_knowledge(storage, candidates, info=info)
         kb.save(out)
         typer.echo(
             f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations"
         )
+
+
+@automl_app.command("merge")
+def merge_cmd(
+    repeats: Annotated[
+        list[Path],
+        typer.Argument(help="Meta-knowledge files of the same build, other split seeds."),
+    ],
+    out: Annotated[Path, typer.Option(help="Write the averaged meta-knowledge here.")],
+) -> None:
+    """Average repeats of one build (same candidates, folds and rows; another --split-seed)
+    into one meta-knowledge, each score a mean over the repeats' cross-validations.
+
+    Example: metaml automl merge kb-r0.json.gz kb-r1.json.gz --out kb.json.gz
+    """
+    from metaml.automl.knowledge import MetaKnowledge, average_repeats
+
+    loaded = [MetaKnowledge.load(path) for path in repeats]
+    kb = average_repeats(loaded)
+    left_out = sorted(set().union(*(r.names for r in loaded)) - set(kb.names))
+    if left_out:
+        typer.echo(f"left out (not in every repeat): {', '.join(left_out)}")
+    kb.save(out)
+    typer.echo(
+        f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations, "
+        f"split seeds {kb.info['split_seeds']}"
+    )
 
 
 DataArgument = Annotated[

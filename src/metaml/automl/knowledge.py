@@ -207,6 +207,7 @@ def _run_task(
     with threadpool_limits(1):
         if "metafeatures" not in study.user_attrs:
             study.set_user_attr("metafeatures", metafeatures(data.X, data.y, random_state=seed))
+            study.set_user_attr("split_seed", seed)
             study.set_user_attr("family", task.family)
             study.set_user_attr("task", task.name)
 
@@ -251,6 +252,7 @@ def build_knowledge(
     """
     from joblib import Parallel, delayed
 
+    _check_split_seed(storage_url, seed)
     jobs = (
         delayed(_run_task_reporting)(storage_url, task, list(candidates), folds, max_rows, seed)
         for task in tasks
@@ -267,6 +269,21 @@ def build_knowledge(
             )
     if failed and progress:
         progress(f"{len(failed)} tasks failed and are left out: {', '.join(failed)}")
+
+
+def _check_split_seed(storage_url: str, seed: int) -> None:
+    """Refuse to add evaluations on other folds to a storage built with another split seed:
+    its completed trials would be taken as done and the scores would mix two splits."""
+    import optuna
+
+    storage = open_storage(storage_url)
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        stored = summary.user_attrs.get("split_seed")
+        if summary.study_name.startswith(STUDY_PREFIX) and stored not in (None, seed):
+            raise UserError(
+                f"{storage_url} holds evaluations with split seed {stored}, not {seed}; "
+                "use another --storage for a repeat with another split seed"
+            )
 
 
 def _run_task_reporting(
@@ -408,6 +425,56 @@ class MetaKnowledge:
             fit_times=self.fit_times[idx],
             info=self.info,
         )
+
+
+def average_repeats(repeats: Sequence[MetaKnowledge]) -> MetaKnowledge:
+    """One meta-knowledge whose scores are the mean over ``repeats``: builds of the same
+    candidates with the same folds and row limit but other split seeds (``--split-seed``), so
+    each score averages ``len(repeats)`` independent cross-validations. Meta-features come from
+    the first repeat; datasets missing from any repeat are left out.
+
+    Example:
+        >>> a = MetaKnowledge.from_json({"format": "metaml-knowledge-1", "folds": 3,
+        ...     "metafeature_names": ["m"], "configurations": [{"algorithm": "knn", "params":
+        ...     {"n_neighbors": 5, "weights": "uniform", "p": 2}}], "datasets": [{"name": "d",
+        ...     "family": "d", "metafeatures": [1.0], "scores": [0.8], "fit_times": [0.1]}]})
+        >>> from dataclasses import replace
+        >>> b = replace(a, scores=a.scores - 0.1, info={**a.info, "split_seeds": [1]})
+        >>> average_repeats([a, b]).scores
+        array([[0.75]])
+    """
+    if len(repeats) < 2:
+        raise UserError(f"averaging needs at least two repeats, got {len(repeats)}")
+    first = repeats[0]
+    keys = [c.key for c in first.configurations]
+    for other in repeats[1:]:
+        if [c.key for c in other.configurations] != keys:
+            raise UserError(
+                "the repeats evaluate different candidates; build them with the same "
+                "--configs and --seed, changing only --split-seed"
+            )
+        for setting in ("folds", "max_rows", "corpus"):
+            if other.info.get(setting) != first.info.get(setting):
+                raise UserError(
+                    f"the repeats differ in {setting} ({first.info.get(setting)!r} and "
+                    f"{other.info.get(setting)!r}); a repeat changes only --split-seed"
+                )
+    common = set(first.names).intersection(*(r.names for r in repeats[1:]))
+    rows = [i for i, name in enumerate(first.names) if name in common]
+    if not rows:
+        raise UserError("the repeats have no dataset in common")
+    aligned = [r.subset([r.names.index(first.names[i]) for i in rows]) for r in repeats]
+    seeds = [s for r in repeats for s in r.info.get("split_seeds", [r.info.get("seed", 0)])]
+    if len(set(seeds)) < len(seeds):
+        raise UserError(f"the repeats share a split seed ({seeds}); each needs its own")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: evaluated in no repeat
+        scores = np.nanmean([r.scores for r in aligned], axis=0)
+        fit_times = np.nanmean([r.fit_times for r in aligned], axis=0)
+    out = first.subset(rows)
+    out.scores, out.fit_times = scores, fit_times
+    out.info = {**first.info, "split_seeds": seeds}
+    return out
 
 
 def export_knowledge(
