@@ -74,12 +74,26 @@ def conv4_model(spec: Conv4Spec, seed: int = 0) -> nn.Module:
     )  # fmt: skip
 
 
-def torch_batchnorm(model: nn.Module) -> nn.Module:
-    """``model`` with torch's own ``nn.BatchNorm2d`` class (as a higher or plain user has it)."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.__class__ = nn.BatchNorm2d
-    return model
+def textbook_conv4(model: nn.Module) -> nn.Module:
+    """The conv4 a higher or learn2learn user writes (torch's own layers, ReLU then max-pool),
+    holding a copy of ``model``'s parameters. metaml's conv4 pools before its ReLU (the same
+    function, less work), which a reference written by its users would not do.
+
+    Example:
+        >>> net = conv4_model(Conv4Spec())
+        >>> x = torch.rand(5, 1, 28, 28)
+        >>> torch.allclose(textbook_conv4(net)(x), net(x), atol=1e-5)
+        True
+    """
+    layers: list[nn.Module] = []
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for conv, norm in zip(convs, norms, strict=True):
+        bn = nn.BatchNorm2d(norm.num_features, track_running_stats=False)
+        bn.load_state_dict(norm.state_dict(), strict=False)
+        layers += [copy.deepcopy(conv), bn, nn.ReLU(), nn.MaxPool2d(2)]
+    head = model.get_submodule("head")
+    return nn.Sequential(*layers, nn.Flatten(), copy.deepcopy(head))
 
 
 # ---- the functional conv4 of the plain loop ------------------------------------------------
@@ -272,7 +286,7 @@ def conv4_impls(
     args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
     impls: dict[str, Step] = {
         "metaml-loop": metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop"),
-        "higher": higher_maml(torch_batchnorm(copy.deepcopy(base)), batch, *args),
+        "higher": higher_maml(textbook_conv4(base), batch, *args),
         "plain": plain_maml(copy.deepcopy(base), batch, *args, forward=conv4_forward),
     }
     if vmap:
@@ -286,7 +300,7 @@ def conv4_impls(
             copy.deepcopy(base), batch, *args, vectorize="loop", precision="bf16"
         )
     if learn2learn_available():
-        impls["learn2learn"] = learn2learn_maml(torch_batchnorm(copy.deepcopy(base)), batch, *args)
+        impls["learn2learn"] = learn2learn_maml(textbook_conv4(base), batch, *args)
     return impls
 
 
@@ -391,7 +405,7 @@ def adaptation_impls(episodes: list[Any], steps: int = 10, hidden: int = 64) -> 
         outputs = torch.cat(chunks)
         return float((outputs.argmax(-1) == stacked.query_y).float().mean())
 
-    model_h = torch_batchnorm(copy.deepcopy(base))
+    model_h = textbook_conv4(base)
     inner = torch.optim.SGD(model_h.parameters(), lr=0.4)
 
     def run_higher() -> float:

@@ -130,3 +130,35 @@ def test_register_backbone() -> None:
         assert create_backbone("tiny_test_mlp", num_outputs=2)(torch.zeros(1, 2)).shape == (1, 2)
     finally:
         backbones._REGISTRY.pop("tiny_test_mlp")
+
+
+def _textbook(net: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The published block order, activation *then* max-pool, written out by hand."""
+    import torch.nn.functional as F
+
+    if isinstance(net, create_backbone("conv4").__class__):
+        for i in range(4):
+            conv, norm = net.features[4 * i], net.features[4 * i + 1]
+            x = F.max_pool2d(F.relu(norm(conv(x))), 2)
+        return net.head(x.flatten(1))
+    for block in net.blocks:
+        x = F.max_pool2d(F.leaky_relu(block.body(x) + block.shortcut(x), 0.1), 2)
+    return net.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12"])
+def test_pooling_before_the_activation_is_the_textbook_function(name: str) -> None:
+    # The blocks max-pool before their (monotone) activation for speed; outputs, gradients and
+    # the second-order gradients MAML takes must be those of activation-then-pool.
+    net = _build(name).double()
+    x = _inputs(net, name, n=6).double()
+
+    def grads(forward: Any) -> list[torch.Tensor]:
+        params = list(net.parameters())
+        inner = torch.autograd.grad(forward(x).square().mean(), params, create_graph=True)
+        outer = sum(g.square().sum() for g in inner) + forward(x).sum()
+        return [*inner, *torch.autograd.grad(outer, params)]
+
+    torch.testing.assert_close(net(x), _textbook(net, x))
+    for ours, textbook in zip(grads(net), grads(lambda v: _textbook(net, v)), strict=True):
+        torch.testing.assert_close(ours, textbook)

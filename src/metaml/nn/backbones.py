@@ -237,6 +237,11 @@ def _norm2d(channels: int, norm: Norm, track_running_stats: bool) -> nn.Module:
 class Conv4(Backbone):
     """The 4-block convnet of MAML / ProtoNets: 4 × [conv3×3(hidden), BN, ReLU, maxpool 2×2].
 
+    Each block pools before its ReLU: ReLU is monotone, so ``relu(maxpool(x)) ==
+    maxpool(relu(x))`` exactly (same outputs, same gradients), and the ReLU and its backward
+    then run on a quarter of the values. Parameters and checkpoints are those of the textbook
+    order.
+
     Features are the flattened last feature map: ``hidden`` on 28×28, ``25 * hidden`` on 84×84.
 
     Example:
@@ -259,8 +264,8 @@ class Conv4(Backbone):
             blocks += [
                 nn.Conv2d(channels if i == 0 else hidden, hidden, 3, padding=1),
                 _norm2d(hidden, norm, track_running_stats),
+                nn.MaxPool2d(2),  # before the ReLU: the same function, 4x less ReLU work
                 nn.ReLU(),
-                nn.MaxPool2d(2),
             ]
             height, width = height // 2, width // 2
         if height < 1 or width < 1:
@@ -293,7 +298,8 @@ class _ResBlock(nn.Module):
         self.pool = nn.MaxPool2d(2)  # 84 -> 42 -> 21 -> 10 -> 5; 28 -> 14 -> 7 -> 3 -> 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pool(self.act(self.body(x) + self.shortcut(x)))
+        # Pool first: LeakyReLU is monotone, so this is act-then-pool on a quarter of the values.
+        return self.act(self.pool(self.body(x) + self.shortcut(x)))
 
 
 class ResNet12(Backbone):
