@@ -22,7 +22,7 @@ from metaml.automl.knowledge import (
     cross_validate,
     export_knowledge,
 )
-from metaml.automl.portfolio import default_configuration, make_pipeline
+from metaml.automl.portfolio import default_configuration, make_pipeline, suggest_configuration
 from metaml.errors import UserError
 from metaml.taskrep.metafeatures import metafeatures
 
@@ -112,6 +112,37 @@ def test_a_failing_task_is_reported_and_left_out(tmp_path: Path) -> None:
     assert any(line.startswith("datasets/no_such_item: failed (UserError") for line in log)
     assert log[-1] == "1 tasks failed and are left out: datasets/no_such_item"
     assert export_knowledge(url, cands).names == ["datasets/iris"]
+
+
+def test_the_trial_of_a_crashed_worker_is_rerun_by_the_next_build(tmp_path: Path) -> None:
+    import sqlite3
+
+    import optuna
+
+    from metaml.automl.knowledge import _study, open_storage
+
+    db = tmp_path / "kb.db"
+    url = f"sqlite:///{db}"
+    cands = [default_configuration("logreg"), default_configuration("knn")]
+    # A worker took the first candidate and died: its trial stays RUNNING, and its last
+    # heartbeat is an hour old (the grace period is two minutes).
+    study = _study(open_storage(url), IRIS, cands)
+    crashed = study.ask()
+    suggest_configuration(crashed)  # what the worker's objective does first
+    study._storage.record_heartbeat(crashed._trial_id)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour')")
+    log: list[str] = []
+    build_knowledge(url, [IRIS], cands, folds=2, max_rows=60, progress=log.append)
+    assert log == [log[0]] and log[0].startswith("datasets/iris: 2 evaluations")
+    states = [t.state for t in optuna.load_study(study_name=study.study_name, storage=url).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    kb = export_knowledge(url, cands)
+    iris = load_task(IRIS, max_rows=60)
+    direct, _ = cross_validate(cands[0], iris, folds=2, seed=0)
+    assert kb.scores[0, 0] == pytest.approx(direct, abs=1e-9)
+    assert np.isfinite(kb.scores).all()
 
 
 def test_shipped_knowledge_matches_the_corpus_and_the_meta_features() -> None:

@@ -175,8 +175,11 @@ def _study(storage: Any, task: CorpusTask, candidates: Sequence[Configuration]) 
         sampler=optuna.samplers.RandomSampler(seed=0),
         load_if_exists=True,
     )
+    # A crashed worker's trials: failing them lets the retry callback enqueue them again.
+    optuna.storages.fail_stale_trials(study)
     done = {
-        Configuration.from_optuna_params(t.params).key
+        # A waiting trial has no params yet, only the enqueued ones it will suggest.
+        Configuration.from_optuna_params(t.params or t.system_attrs["fixed_params"]).key
         for t in study.get_trials(deepcopy=False)
         if t.state.name in ("COMPLETE", "RUNNING", "WAITING")
     }
