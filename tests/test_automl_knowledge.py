@@ -164,14 +164,15 @@ def test_shipped_knowledge_matches_the_corpus_and_the_meta_features() -> None:
     ).all()
 
 
-def test_shipped_knowledge_is_v2_and_contains_v1() -> None:
-    """v2 (the default) extends v1: v1's datasets and candidates, evaluated the same way."""
+def _shipped(file: str) -> MetaKnowledge:
     from importlib import resources
 
-    data = resources.files("metaml.automl").joinpath("data")
-    assert data.joinpath("knowledge_v2.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
-    v2 = MetaKnowledge.load()
-    v1 = MetaKnowledge.load(str(data.joinpath("knowledge_v1.json.gz")))
+    return MetaKnowledge.load(str(resources.files("metaml.automl").joinpath("data", file)))
+
+
+def test_shipped_v2_contains_v1() -> None:
+    """v2 extends v1: v1's datasets and candidates, evaluated the same way."""
+    v2, v1 = _shipped("knowledge_v2.json.gz"), _shipped("knowledge_v1.json.gz")
     assert len(v2.names) >= 80 and len(v2.configurations) == 64
     assert np.isfinite(v2.scores).all()  # the export kept only complete datasets
     assert set(v1.names) <= set(v2.names)
@@ -184,3 +185,21 @@ def test_shipped_knowledge_is_v2_and_contains_v1() -> None:
     row = v2.names.index(v1.names[0])
     v1_in_v2 = [v2.scores[row, col[c.key]] for c in v1.configurations]
     np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)
+
+
+def test_default_knowledge_is_v3_the_mean_of_v2_and_its_repeat() -> None:
+    """The default (v3) averages v2 and a repeat on other folds and rows, score by score."""
+    from importlib import resources
+
+    data = resources.files("metaml.automl").joinpath("data")
+    assert data.joinpath("knowledge_v3.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
+    v3 = MetaKnowledge.load()
+    v2, repeat = _shipped("knowledge_v2.json.gz"), _shipped("knowledge_v2_split1.json.gz")
+    assert v3.info["split_seeds"] == [0, 1] and repeat.info["split_seeds"] == [1]
+    assert v3.names == v2.names == repeat.names
+    assert [c.key for c in v3.configurations] == [c.key for c in v2.configurations]
+    np.testing.assert_array_equal(v3.metafeatures, v2.metafeatures)
+    # Independent of average_repeats: the plain mean of the two files' arrays.
+    np.testing.assert_allclose(v3.scores, (v2.scores + repeat.scores) / 2, atol=1e-4)
+    # The repeat measured the same candidates on other splits: close, but not a copy.
+    assert 0 < np.abs(repeat.scores - v2.scores).mean() < 0.1
