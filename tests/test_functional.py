@@ -179,3 +179,55 @@ def test_chooser_fixed_modes_and_errors() -> None:
         VectorizeChooser("fast")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="BatchNorm"):
         VectorizeChooser("vmap", can_vmap=False)
+
+
+def _meta_gradients(first_order: bool, autograd: bool, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Meta-gradients of a 2-step inner loop on a small conv net with BatchNorm, float64."""
+    monkeypatch.setattr("metaml.functional._AUTOGRAD_OUTSIDE_TRANSFORMS", autograd)
+    torch.manual_seed(0)
+    net = use_batch_statistics_(
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)
+        )
+    ).double()
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)  # gets a zero gradient
+    rate = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    x, y = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    params = {**dict(net.named_parameters()), "unused": unused}
+
+    def loss_at(p: dict, step: int) -> torch.Tensor:
+        out = functional_call(net, {k: v for k, v in p.items() if k != "unused"}, (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    fast = inner_loop(loss_at, params, steps=2, lr=rate, first_order=first_order)
+    query = loss_at(fast, 2) + fast["unused"].sum()
+    return list(torch.autograd.grad(query, [*net.parameters(), unused, rate], allow_unused=True))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_autograd_inner_gradients_equal_torch_func_grad(
+    first_order: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside vmap, inner gradients come from torch.autograd.grad (faster); the meta-gradients
+    (to the initial parameters and to the inner rate) equal torch.func.grad's."""
+    by_func = _meta_gradients(first_order, autograd=False, monkeypatch=monkeypatch)
+    by_autograd = _meta_gradients(first_order, autograd=True, monkeypatch=monkeypatch)
+    for a, b in zip(by_autograd, by_func, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert by_func[-1].abs() > 0  # the rate is reached through p - rate * g in both orders
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+def test_inner_gradients_ignore_an_outer_no_grad(
+    autograd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test-time adaptation runs under no_grad: the steps still move, no graph is recorded."""
+    monkeypatch.setattr("metaml.functional._AUTOGRAD_OUTSIDE_TRANSFORMS", autograd)
+    w0 = torch.tensor(0.5, requires_grad=True)
+    with torch.no_grad():
+        fast = inner_loop(lambda p, s: (p["w"] * 2.0 - 3.0) ** 2, {"w": w0}, steps=2, lr=0.05)
+    w = 0.5
+    for _ in range(2):
+        w -= 0.05 * 4 * (w * 2 - 3)
+    assert fast["w"].item() == pytest.approx(w)
+    assert not fast["w"].requires_grad

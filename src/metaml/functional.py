@@ -76,10 +76,42 @@ def inner_gradients(
         >>> g["w"].item(), torch.autograd.grad(g["w"], p["w"])[0].item()  # 2w and d(2w)/dw
         (6.0, 2.0)
     """
+    if _AUTOGRAD_OUTSIDE_TRANSFORMS and not _inside_transform():
+        return _autograd_gradients(loss_at, params, step, first_order)
     grads: Params = grad(loss_at)(params, step)
     if first_order:
         grads = {k: g.detach() for k, g in grads.items()}
     return grads
+
+
+# Outside vmap (the loop path, test-time adaptation) plain autograd gives the same gradients
+# as torch.func.grad without its per-operation dispatch through the functorch layer.
+_AUTOGRAD_OUTSIDE_TRANSFORMS = True
+
+
+def _inside_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad) is active or torch.compile is tracing."""
+    return bool(torch._C._functorch.get_interpreter_stack()) or torch.compiler.is_compiling()
+
+
+def _autograd_gradients(loss_at: LossAt, params: Params, step: int, first_order: bool) -> Params:
+    """:func:`inner_gradients` with ``torch.autograd.grad``; only outside torch.func transforms.
+
+    Like ``torch.func.grad`` it ignores an outer ``no_grad``: tensors that do not require
+    gradients become fresh leaves, so only a graph from them onwards is recorded. The graph to
+    meta-parameters is kept (``create_graph``) only for a second-order step outside ``no_grad``.
+    """
+    with torch.enable_grad():
+        leaves = {
+            k: p if p.requires_grad else p.detach().requires_grad_() for k, p in params.items()
+        }
+        loss = loss_at(leaves, step)
+    create = torch.is_grad_enabled() and not first_order
+    found = torch.autograd.grad(loss, list(leaves.values()), create_graph=create, allow_unused=True)
+    return {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(leaves.items(), found, strict=True)
+    }
 
 
 def _rate(lr: Rate | Mapping[str, Rate], name: str) -> Rate:
