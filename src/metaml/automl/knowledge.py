@@ -179,7 +179,9 @@ def _study(storage: Any, task: CorpusTask, candidates: Sequence[Configuration]) 
         load_if_exists=True,
     )
     # A crashed worker's trials: failing them lets the retry callback enqueue them again.
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():  # "experimental" since optuna 2.9, once per task otherwise
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     done = {
         # A waiting trial has no params yet, only the enqueued ones it will suggest.
         Configuration.from_optuna_params(t.params or t.system_attrs["fixed_params"]).key
