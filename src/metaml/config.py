@@ -108,7 +108,9 @@ class _GradientBased(_Strict):
     per_step_bn: bool = Field(False, description="MAML++: separate BatchNorm affine per inner step")
     vectorize: Literal["auto", "vmap", "loop"] = "auto"
     low_memory: bool = Field(
-        False, description="one task's graph alive at a time (loop only): less memory, ~8% slower"
+        False,
+        description="always the loop with one task's graph alive at a time (never vmap or "
+        "compile, which hold the whole meta-batch's graph)",
     )
     compile: bool = Field(
         False, description="run the meta-batch through torch.compile (wins for small models)"
