@@ -187,19 +187,23 @@ def test_shipped_v2_contains_v1() -> None:
     np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)
 
 
-def test_default_knowledge_is_v3_the_mean_of_v2_and_its_repeat() -> None:
-    """The default (v3) averages v2 and a repeat on other folds and rows, score by score."""
+def test_default_knowledge_is_v3_the_mean_of_v2_and_its_repeats() -> None:
+    """The default (v3) averages v2 and two repeats on other folds and rows, score by score."""
     from importlib import resources
 
     data = resources.files("metaml.automl").joinpath("data")
     assert data.joinpath("knowledge_v3.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
     v3 = MetaKnowledge.load()
-    v2, repeat = _shipped("knowledge_v2.json.gz"), _shipped("knowledge_v2_split1.json.gz")
-    assert v3.info["split_seeds"] == [0, 1] and repeat.info["split_seeds"] == [1]
-    assert v3.names == v2.names == repeat.names
+    v2 = _shipped("knowledge_v2.json.gz")
+    repeats = [_shipped(f"knowledge_v2_split{seed}.json.gz") for seed in (1, 2)]
+    assert v3.info["split_seeds"] == [0, 1, 2]
+    assert [r.info["split_seeds"] for r in repeats] == [[1], [2]]
+    assert v3.names == v2.names == repeats[0].names == repeats[1].names
     assert [c.key for c in v3.configurations] == [c.key for c in v2.configurations]
     np.testing.assert_array_equal(v3.metafeatures, v2.metafeatures)
-    # Independent of average_repeats: the plain mean of the two files' arrays.
-    np.testing.assert_allclose(v3.scores, (v2.scores + repeat.scores) / 2, atol=1e-4)
-    # The repeat measured the same candidates on other splits: close, but not a copy.
-    assert 0 < np.abs(repeat.scores - v2.scores).mean() < 0.1
+    # Independent of average_repeats: the plain mean of the three files' arrays.
+    mean = (v2.scores + repeats[0].scores + repeats[1].scores) / 3
+    np.testing.assert_allclose(v3.scores, mean, atol=1e-4)
+    # Each repeat measured the same candidates on other splits: close, but not a copy.
+    for r in repeats:
+        assert 0 < np.abs(r.scores - v2.scores).mean() < 0.1

@@ -65,9 +65,9 @@ if TYPE_CHECKING:
     from metaml.data.tabular import TabularTask
 
 FORMAT = "metaml-knowledge-1"
-# v3: v2 (split seed 0) and its repeat on other folds and rows (split seed 1) averaged, each score
-# the mean of 2 x 3 folds. v1 (32 x 40), v2 and the repeat stay in the package for comparison
-# and so that v3 can be checked against them.
+# v3: v2 (split seed 0) and its two repeats on other folds and rows (split seeds 1, 2) averaged,
+# each score the mean of 3 x 3 folds. v1 (32 x 40), v2 and the repeats stay in the package for
+# comparison and so that v3 can be checked against them.
 KNOWLEDGE_FILE = "knowledge_v3.json.gz"
 STUDY_PREFIX = "metaml-kb/"
 
