@@ -187,23 +187,23 @@ def test_shipped_v2_contains_v1() -> None:
     np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)
 
 
-def test_default_knowledge_is_v3_the_mean_of_v2_and_its_repeats() -> None:
-    """The default (v3) averages v2 and two repeats on other folds and rows, score by score."""
+def test_default_knowledge_is_v4_the_mean_of_v2_and_its_repeats() -> None:
+    """The default (v4) averages v2 and three repeats on other folds and rows, score by score."""
     from importlib import resources
 
     data = resources.files("metaml.automl").joinpath("data")
-    assert data.joinpath("knowledge_v3.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
-    v3 = MetaKnowledge.load()
+    assert data.joinpath("knowledge_v4.json.gz").stat().st_size < 2_000_000  # type: ignore[attr-defined]
+    v4 = MetaKnowledge.load()
     v2 = _shipped("knowledge_v2.json.gz")
-    repeats = [_shipped(f"knowledge_v2_split{seed}.json.gz") for seed in (1, 2)]
-    assert v3.info["split_seeds"] == [0, 1, 2]
-    assert [r.info["split_seeds"] for r in repeats] == [[1], [2]]
-    assert v3.names == v2.names == repeats[0].names == repeats[1].names
-    assert [c.key for c in v3.configurations] == [c.key for c in v2.configurations]
-    np.testing.assert_array_equal(v3.metafeatures, v2.metafeatures)
-    # Independent of average_repeats: the plain mean of the three files' arrays.
-    mean = (v2.scores + repeats[0].scores + repeats[1].scores) / 3
-    np.testing.assert_allclose(v3.scores, mean, atol=1e-4)
+    repeats = [_shipped(f"knowledge_v2_split{seed}.json.gz") for seed in (1, 2, 3)]
+    assert v4.info["split_seeds"] == [0, 1, 2, 3]
+    assert [r.info["split_seeds"] for r in repeats] == [[1], [2], [3]]
+    assert v4.names == v2.names and all(r.names == v2.names for r in repeats)
+    assert [c.key for c in v4.configurations] == [c.key for c in v2.configurations]
+    np.testing.assert_array_equal(v4.metafeatures, v2.metafeatures)
+    # Independent of average_repeats: the plain mean of the four files' arrays.
+    mean = (v2.scores + sum(r.scores for r in repeats)) / 4
+    np.testing.assert_allclose(v4.scores, mean, atol=1e-4)
     # Each repeat measured the same candidates on other splits: close, but not a copy.
     for r in repeats:
         assert 0 < np.abs(r.scores - v2.scores).mean() < 0.1
