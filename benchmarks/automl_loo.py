@@ -13,7 +13,9 @@ portfolio on that dataset, 1 = best), read from the dataset's stored scores.
 
 Methods: nearest-dataset warm start (auto-sklearn's, k=10), the meta-model (fitted on
 normalised scores, and on ranks), the local portfolio (the greedy portfolio of the k nearest
-datasets, k chosen by an inner leave-one-family-out over the training datasets only), random
+datasets, k chosen by an inner leave-one-family-out over the training datasets only), active
+testing (adaptive: each evaluation chosen after the stored scores of those before, its
+``beta`` chosen by the same inner leave-one-family-out), random
 search (the mean over 50 random orders), the single default configuration (random forest), the
 static portfolio (greedy, ignores meta-features), and nearest-dataset on meta-features shuffled
 among the training datasets (the mean over 10 shuffles). Reported: the median over datasets with a
@@ -42,6 +44,8 @@ from metaml.automl.recommend import (
     Recommender,
     SingleDefault,
     StaticPortfolio,
+    active_testing,
+    evaluation_order,
     local_portfolio,
     normalised_scores,
 )
@@ -80,6 +84,7 @@ def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Reco
             n_estimators=trees, random_state=seed, target="rank"
         ),
         "local portfolio (k by inner CV)": local_portfolio,
+        "active testing (beta by inner CV)": active_testing,
         "static portfolio": StaticPortfolio,
     }
 
@@ -110,7 +115,7 @@ def versus_old(
         curves = []
         for i in rows:
             rec = make().fit(old.subset(np.flatnonzero(old_families != kb.families[i])))
-            ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i], 5)]
+            ranked = evaluation_order(rec, kb, i, 5)
             curves.append(np.maximum.accumulate(np.nan_to_num(norm[i, ranked], nan=0.0)))
         before, after = np.array(curves), results[name][rows]
         cells = []
@@ -231,6 +236,7 @@ RECOMMENDER_NAMES = (
     "meta-model",
     "meta-model (rank target)",
     "local portfolio (k by inner CV)",
+    "active testing (beta by inner CV)",
     "static portfolio",
 )
 

@@ -20,10 +20,13 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from metaml.automl.estimator import MetaLearnedClassifier  # noqa: E402
 from metaml.automl.knowledge import MetaKnowledge, candidate_configurations  # noqa: E402
 from metaml.automl.portfolio import default_configuration  # noqa: E402
+from metaml.automl.recommend import ActiveTesting  # noqa: E402
 from metaml.automl.search import (  # noqa: E402
+    AdaptiveWarmStart,
     load_model,
     recommend,
     save_model,
+    warm_start,
     warm_started_search,
 )
 from metaml.data.tabular import from_dataframe  # noqa: E402
@@ -92,6 +95,49 @@ def test_search_evaluates_recommendations_first_and_saves_with_skops(tmp_path: P
         load_model(tmp_path / "none.skops")
 
 
+def _toy_task(seed: int = 3) -> Any:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"a": rng.normal(size=90), "c": rng.choice(["u", "v"], size=90)})
+    frame["t"] = np.where(frame["a"] + 0.5 * rng.normal(size=90) > 0, "pos", "neg")
+    return from_dataframe(frame, target="t", name="toy")
+
+
+def test_adaptive_warm_start_proposes_from_the_scores_so_far() -> None:
+    task = _toy_task()
+    rec = ActiveTesting(beta=3.0).fit(KB)
+    mf = np.zeros(len(KB.metafeature_names))
+    result = warm_started_search(
+        task, AdaptiveWarmStart(rec, mf, n=3), budget_s=None, n_trials=4, folds=3
+    )
+    assert len(result.trials) == 4
+    assert [t.source for t in result.trials[:3]] == [
+        f"active testing: after {k} evaluations" for k in range(3)
+    ]
+    assert result.trials[3].source == "search (TPE)"
+    # Replayed by hand: each warm-start trial is the proposal given the trials before it.
+    for k in range(3):
+        seen = {t.config.key: t.score for t in result.trials[:k]}
+        proposal = rec.propose(mf, seen)
+        assert proposal is not None and proposal.config == result.trials[k].config
+    # The trial limit cuts the warm start short.
+    short = warm_started_search(
+        task, AdaptiveWarmStart(rec, mf, n=3), budget_s=None, n_trials=2, folds=3
+    )
+    assert len(short.trials) == 2
+    assert isinstance(warm_start(task.X, task.y, knowledge=KB, method="active"), AdaptiveWarmStart)
+    assert isinstance(warm_start(task.X, task.y, knowledge=KB, method="static", n=2), list)
+
+
+def test_estimator_with_the_adaptive_recommender() -> None:
+    task = _toy_task(seed=5)
+    X = task.X.assign(c=(task.X["c"] == "u").astype(float)).to_numpy()
+    clf = MetaLearnedClassifier(knowledge=KB, method="active", n_evaluations=3, cv=3)
+    clf.fit(X, task.y)
+    assert 1 <= len(clf.evaluated_) <= 3
+    assert clf.best_config_.algorithm == max(clf.evaluated_, key=clf.evaluated_.get)
+    assert clf.score(X, task.y) > 0.7
+
+
 def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     KB.save(tmp_path / "kb.json.gz")
     rng = np.random.default_rng(4)
@@ -112,3 +158,9 @@ def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert set(model.predict(frame.drop(columns=["id", "label"]))) <= {"yes", "no"}
     code, _, err = run_cli(["automl", "fit", *base, "--budget", "0"], capsys)
     assert code == 2 and "--budget" in err
+    args += ["--method", "active", "--warm", "2", "--out", str(tmp_path / "active")]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = (tmp_path / "active" / "report.json").read_text()
+    assert "active testing: after 0 evaluations" in report
+    assert "active testing: after 1 evaluations" in report

@@ -7,6 +7,7 @@ import pytest
 
 from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
 from metaml.automl.recommend import (
+    ActiveTesting,
     InnerCV,
     LocalPortfolio,
     MetaFeatureScaler,
@@ -15,6 +16,9 @@ from metaml.automl.recommend import (
     RandomOrder,
     SingleDefault,
     StaticPortfolio,
+    active_testing,
+    evaluate_in_order,
+    evaluation_order,
     greedy_portfolio,
     local_portfolio,
     make_recommender,
@@ -188,3 +192,102 @@ def test_meta_model_on_ranks() -> None:
     assert model.rank(np.array([3.0, -0.5]))[0].config == CANDS[5]
     with pytest.raises(UserError, match="target must be"):
         MetaModel(target="ranks")
+
+
+def _hidden_kinds_kb(seed: int = 0) -> MetaKnowledge:
+    """Two kinds of dataset that the meta-features do not show (they are noise): on kind 0
+    (24 datasets) candidate 0 beats candidate 1 and candidate 2 is best; on kind 1 (16)
+    candidate 1 beats candidate 0 and candidate 5 is best."""
+    rng = np.random.default_rng(seed)
+    kind = np.r_[np.zeros(24, int), np.ones(16, int)]
+    scores = 0.6 + 0.05 * rng.random((40, 8))
+    scores[:, 0] = np.where(kind == 0, 0.8, 0.7)
+    scores[:, 1] = np.where(kind == 0, 0.7, 0.8)
+    scores[kind == 0, 2] = 0.9
+    scores[kind == 1, 5] = 0.9
+    names = [f"d{i}" for i in range(40)]
+    mf = rng.normal(size=(40, 2))
+    return MetaKnowledge(names, names, ["f0", "f1"], mf, CANDS, scores, np.zeros((40, 8)), {})
+
+
+def test_active_testing_weights_by_hand() -> None:
+    scores = np.array([[0.1, 0.5, 0.9, 0.0], [0.9, 0.5, 0.1, 0.0], [0.5, 0.1, 0.9, 0.0]])
+    cands = CANDS[:4]
+    kb = MetaKnowledge(["a", "b", "c"], ["a", "b", "c"], ["f"], np.zeros((3, 1)), cands,
+                       scores, np.zeros((3, 4)), {})  # fmt: skip
+    rec = ActiveTesting(beta=2.0).fit(kb)
+    observed = {cands[0].key: 0.6, cands[1].key: 0.7, cands[2].key: 0.8}  # order 0 < 1 < 2
+    # Pairs (0,1), (0,2), (1,2): dataset a orders all three as observed (+3), b none (-3),
+    # c two of three (+1); log-weight = beta * (concordant - discordant) / 3 observed.
+    expected = np.exp(2.0 * np.array([3.0, -3.0, 1.0]) / 3)
+    np.testing.assert_allclose(rec.weights(observed), expected / expected.sum())
+    # One observation orders nothing: equal weights.
+    np.testing.assert_allclose(rec.weights({cands[0].key: 0.6}), np.full(3, 1 / 3))
+    # Only candidate 3 is left; its predicted score is its weighted mean normalised score.
+    nxt = rec.propose(np.zeros(1), observed)
+    assert nxt is not None and nxt.config == cands[3]
+    assert nxt.score == pytest.approx(0.0)
+    assert rec.propose(np.zeros(1), {**observed, cands[3].key: 0.1}) is None
+
+
+def test_active_testing_follows_the_observed_order() -> None:
+    kb = _hidden_kinds_kb()
+    rec = ActiveTesting(beta=3.0).fit(kb)
+    looks_like_0 = {CANDS[0].key: 0.75, CANDS[1].key: 0.70}
+    looks_like_1 = {CANDS[0].key: 0.70, CANDS[1].key: 0.75}
+    first = rec.propose(np.zeros(2), looks_like_1)
+    assert first is not None and first.config == CANDS[5]
+    assert first.source == "active testing: after 2 evaluations"
+    second = rec.propose(np.zeros(2), looks_like_0)
+    assert second is not None and second.config == CANDS[2]
+    # Without adapting (beta=0) the majority kind's best comes next either way.
+    static = ActiveTesting(beta=0.0).fit(kb)
+    for observed in (looks_like_0, looks_like_1):
+        nxt = static.propose(np.zeros(2), observed)
+        assert nxt is not None and nxt.config == CANDS[2]
+
+
+def test_active_testing_without_adapting_is_the_static_portfolio() -> None:
+    kb = _hidden_kinds_kb(seed=3)
+    static = [r.config for r in StaticPortfolio().fit(kb).rank(np.zeros(2))]
+    fitted = ActiveTesting(beta=0.0).fit(kb)
+    order = evaluation_order(fitted, kb, 0, len(CANDS))
+    assert [CANDS[j] for j in order] == static
+    assert [r.config for r in ActiveTesting(beta=5.0).fit(kb).rank(np.zeros(2))] == static
+    with pytest.raises(UserError, match="beta must be >= 0"):
+        ActiveTesting(beta=-1.0)
+
+
+def test_evaluate_in_order_feeds_back_the_scores() -> None:
+    kb = _hidden_kinds_kb()
+    calls: list[str] = []
+
+    def kind_1(config: object) -> float:  # a new dataset of kind 1
+        calls.append(str(config))
+        return {CANDS[0]: 0.7, CANDS[1]: 0.8, CANDS[5]: 0.9}.get(config, 0.6)  # type: ignore[call-overload]
+
+    rec = ActiveTesting(beta=3.0).fit(kb)
+    steps = list(evaluate_in_order(rec, np.zeros(2), kind_1, budget=4))
+    assert len(steps) == len(calls) == 4
+    assert [r.config for r, _ in steps][:1] == [rec.rank(np.zeros(2))[0].config]
+    assert max(score for _, score in steps) == 0.9  # kind 1's best found within 4
+    # A ranking recommender is evaluated in its own order, and a budget past the candidates
+    # stops when they run out.
+    static = StaticPortfolio().fit(kb)
+    steps = list(evaluate_in_order(static, np.zeros(2), lambda c: 0.5, budget=20))
+    assert [r.config for r, _ in steps] == [r.config for r in static.rank(np.zeros(2))]
+
+
+def test_active_testing_by_inner_cv() -> None:
+    from metaml.automl.evaluation import leave_one_dataset_out
+
+    kb = _hidden_kinds_kb()
+    rec = make_recommender("active")
+    assert rec.adaptive and isinstance(rec, InnerCV)
+    rec.fit(kb)
+    assert rec.chosen_ in (0.0, 1.0, 3.0, 10.0)
+    assert rec.propose(np.zeros(2), {}) is not None
+    assert active_testing(grid=[0.0, 2.0]).grid == [0.0, 2.0]
+    res = leave_one_dataset_out(kb, {"active": lambda i: [active_testing()]})
+    # Every dataset's best is among the first two or three evaluations.
+    assert (res["active"][:, 2] == 1.0).all()

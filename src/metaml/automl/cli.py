@@ -190,8 +190,9 @@ DropOption = Annotated[
 MethodOption = Annotated[
     str,
     typer.Option(
-        help="Recommender: nearest (auto-sklearn warm start), meta-model, static, or local (the "
-        "greedy portfolio of the nearest datasets)."
+        help="Recommender: nearest (auto-sklearn warm start), meta-model, static, local (the "
+        "greedy portfolio of the nearest datasets), or active (adaptive: each warm-start "
+        "trial chosen after the scores of those before)."
     ),
 ]
 KnowledgeOption = Annotated[
@@ -250,7 +251,7 @@ def fit_cmd(
 
     Example: metaml automl fit data.csv --target label --budget 120 --out runs/automl
     """
-    from metaml.automl.search import recommend, save_model, warm_started_search, write_report
+    from metaml.automl.search import save_model, warm_start, warm_started_search, write_report
     from metaml.data.tabular import load_table
 
     if budget <= 0:
@@ -258,7 +259,7 @@ def fit_cmd(
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
     task = load_table(data, target=target, drop=drop or ())
-    recs = recommend(task.X, task.y, knowledge=knowledge, method=method, n=warm)
+    recs = warm_start(task.X, task.y, knowledge=knowledge, method=method, n=warm)
     result = warm_started_search(
         task, recs, budget_s=budget, n_trials=trials, folds=folds, seed=seed
     )

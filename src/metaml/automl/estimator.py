@@ -42,7 +42,8 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
     Parameters:
         knowledge: a :class:`MetaKnowledge`, a path to a meta-knowledge file, or None for
             the shipped one.
-        method: ``"nearest"``, ``"meta-model"``, ``"static"`` or ``"local"``.
+        method: ``"nearest"``, ``"meta-model"``, ``"static"``, ``"local"`` or ``"active"``
+            (adaptive: each configuration chosen after the scores of those before).
         n_evaluations: recommended configurations to cross-validate (1: take the first).
         cv: folds of that cross-validation.
         random_state: seed of the folds and of the chosen estimator.
@@ -79,7 +80,8 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         from threadpoolctl import threadpool_limits
 
         from metaml.automl.knowledge import cross_validate
-        from metaml.automl.portfolio import make_pipeline
+        from metaml.automl.portfolio import Configuration, make_pipeline
+        from metaml.automl.recommend import evaluate_in_order
         from metaml.automl.search import fitted_recommender
         from metaml.data.tabular import TabularTask
         from metaml.taskrep.metafeatures import metafeatures
@@ -95,24 +97,26 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         seed = 0 if self.random_state is None else int(self.random_state)
         with threadpool_limits(1):
             mf = metafeatures(X, y, random_state=seed)
-            recs = fitted_recommender(self.knowledge, self.method).rank(mf, self.n_evaluations)
+            recommender = fitted_recommender(self.knowledge, self.method)
             smallest = int(np.unique(y, return_counts=True)[1].min())
             self.evaluated_: dict[str, float] = {}
-            best = recs[0].config
-            if len(recs) > 1 and smallest >= 2 and len(self.classes_) > 1:
+            if self.n_evaluations > 1 and smallest >= 2 and len(self.classes_) > 1:
                 task = TabularTask(frame, y, "fit", "y")
-                scores = []
-                for rec in recs:
+
+                def cv_score(config: Configuration) -> float:
                     try:
-                        score, _ = cross_validate(rec.config, task, folds=self.cv, seed=seed)
+                        return cross_validate(config, task, folds=self.cv, seed=seed)[0]
                     except ValueError:
-                        score = -np.inf  # cannot fit these rows; the others can
-                    scores.append(score)
+                        return -np.inf  # cannot fit these rows; the others can
+
+                steps = list(evaluate_in_order(recommender, mf, cv_score, self.n_evaluations))
+                for rec, score in steps:
                     self.evaluated_[rec.config.algorithm] = max(
                         score, self.evaluated_.get(rec.config.algorithm, -np.inf)
                     )
-                best = recs[int(np.argmax(scores))].config
+                best = max(steps, key=lambda step: step[1])[0].config
             else:
+                best = recommender.rank(mf, 1)[0].config
                 self.evaluated_[best.algorithm] = float("nan")
             self.best_config_ = best
             self.pipeline_ = make_pipeline(best, frame, random_state=seed).fit(frame, y)

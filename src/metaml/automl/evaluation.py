@@ -24,18 +24,18 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from metaml.automl.knowledge import MetaKnowledge
-from metaml.automl.recommend import Recommender, normalised_scores
+from metaml.automl.recommend import Recommender, evaluation_order, normalised_scores
 
 
 def best_so_far(rec: Recommender, kb: MetaKnowledge, i: int, norm: np.ndarray) -> np.ndarray:
-    """Best normalised score of dataset ``i`` among the first b recommendations, b = 1..C.
+    """Best normalised score of dataset ``i`` among the first b evaluations, b = 1..C (an
+    adaptive recommender sees the stored scores of those before, :func:`evaluation_order`).
 
     Example:
         >>> best_so_far.__name__
         'best_so_far'
     """
-    index = {c.key: j for j, c in enumerate(kb.configurations)}
-    ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i])]
+    ranked = evaluation_order(rec, kb, i, len(kb.configurations))
     values = np.nan_to_num(norm[i, ranked], nan=0.0)  # a missing score counts as the worst
     best = np.maximum.accumulate(values)
     full = np.full(len(kb.configurations), best[-1])

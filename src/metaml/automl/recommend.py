@@ -14,6 +14,10 @@ datasets only) and return a ranking of its candidate configurations with a predi
   mean over training datasets of the best normalised score among the chosen configurations.
 - :class:`LocalPortfolio` -- the same greedy portfolio, built on the ``k`` nearest training
   datasets only (``k=1``: the nearest dataset's order; ``k=None``: the static portfolio).
+- :class:`ActiveTesting` -- adaptive: after each evaluation on the new dataset it weights the
+  training datasets by how well their scores agree with the ones observed so far (pairs of
+  configurations in the same order) and proposes the configuration that most raises the
+  weighted mean best score (Leite, Brazdil & Vanschoren 2012, "active testing").
 - :class:`InnerCV` -- chooses a recommender's setting (e.g. that ``k``) by leave-one-family-out
   over the training datasets only.
 - :class:`RandomOrder` and :class:`SingleDefault` -- the baselines.
@@ -35,7 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +155,9 @@ class Recommender:
     """
 
     name = "recommender"
+    adaptive = False
+    """True when :meth:`propose` depends on the scores observed so far (else it follows
+    :meth:`rank`)."""
 
     def fit(self, kb: MetaKnowledge) -> Recommender:
         """Learn from the training datasets of ``kb``."""
@@ -163,6 +170,70 @@ class Recommender:
     ) -> list[Recommendation]:
         """The candidates, best first (at most ``n``)."""
         raise NotImplementedError
+
+    def propose(
+        self, metafeatures: Mapping[str, float] | np.ndarray, observed: Mapping[str, float]
+    ) -> Recommendation | None:
+        """The next candidate to evaluate, given the scores ``observed`` so far on the new
+        dataset (``{configuration key: balanced accuracy}``); None when all are observed.
+
+        The default takes the first unobserved candidate of :meth:`rank`; adaptive
+        recommenders override it.
+        """
+        return next((r for r in self.rank(metafeatures) if r.config.key not in observed), None)
+
+
+def evaluate_in_order(
+    rec: Recommender,
+    metafeatures: Mapping[str, float] | np.ndarray,
+    evaluate: Callable[[Configuration], float],
+    budget: int,
+) -> Iterator[tuple[Recommendation, float]]:
+    """Evaluate up to ``budget`` candidates of the fitted ``rec`` one by one, each chosen
+    after the scores of the ones before (for an adaptive recommender); yields each
+    recommendation with its score.
+
+    Example:
+        >>> import numpy as np
+        >>> from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+        >>> cands = candidate_configurations(8)
+        >>> kb = MetaKnowledge(["a"], ["a"], ["f"], np.zeros((1, 1)), cands,
+        ...                    np.linspace(0.5, 0.9, 8)[None], np.zeros((1, 8)), {})
+        >>> rec = StaticPortfolio().fit(kb)
+        >>> [round(score, 2) for _, score in evaluate_in_order(rec, [0.0], lambda c: 0.7, 2)]
+        [0.7, 0.7]
+    """
+    observed: dict[str, float] = {}
+    ranked = iter([] if rec.adaptive else rec.rank(metafeatures))
+    while len(observed) < budget:
+        if rec.adaptive:
+            nxt = rec.propose(metafeatures, observed)
+        else:
+            nxt = next((r for r in ranked if r.config.key not in observed), None)
+        if nxt is None:
+            return
+        score = evaluate(nxt.config)
+        observed[nxt.config.key] = score
+        yield nxt, score
+
+
+def evaluation_order(rec: Recommender, kb: MetaKnowledge, i: int, budget: int) -> list[int]:
+    """The candidates (column indices) the fitted ``rec`` would evaluate on dataset ``i`` of
+    ``kb``, in order, with the stored scores as the evaluations (a missing score reads as 0,
+    below every real one).
+
+    Example:
+        >>> evaluation_order.__name__
+        'evaluation_order'
+    """
+    index = {c.key: j for j, c in enumerate(kb.configurations)}
+
+    def stored(config: Configuration) -> float:
+        return float(np.nan_to_num(kb.scores[i, index[config.key]], nan=0.0))
+
+    return [
+        index[r.config.key] for r, _ in evaluate_in_order(rec, kb.metafeatures[i], stored, budget)
+    ]
 
 
 class NearestDatasets(Recommender):
@@ -411,18 +482,99 @@ class LocalPortfolio(Recommender):
         ]
 
 
+class ActiveTesting(Recommender):
+    """Adaptive warm start: the scores observed on the new dataset pick the training datasets
+    that resemble it (active testing, Leite, Brazdil & Vanschoren 2012).
+
+    Each training dataset ``d`` gets the log-weight ``beta * (concordant - discordant) / m``
+    over the pairs of the ``m`` configurations observed so far: a pair is concordant when
+    ``d``'s scores order the two as the new dataset's do. The next configuration is the one
+    that most raises the weighted mean, over training datasets, of the best normalised score
+    among the observed configurations and it (the greedy step of :class:`StaticPortfolio`).
+    Before any observation the weights are equal, so the first proposal is the static
+    portfolio's; ``beta=0`` keeps them equal throughout (the static portfolio). Meta-features
+    are not used: the observed scores are the task's representation. :meth:`rank` is the
+    order without observations; :meth:`propose` is the adaptive one.
+
+    Example:
+        >>> ActiveTesting(beta=3.0).adaptive
+        True
+    """
+
+    name = "active testing"
+    adaptive = True
+
+    def __init__(self, beta: float = 3.0) -> None:
+        if not beta >= 0:
+            raise UserError(f"beta must be >= 0, got {beta!r}")
+        self.beta = beta
+
+    def fit(self, kb: MetaKnowledge) -> ActiveTesting:
+        """Keep the training datasets' normalised scores (a missing score as 0, the worst)."""
+        super().fit(kb)
+        self.filled_ = np.nan_to_num(self.normalised_, nan=0.0)
+        self.index_ = {c.key: j for j, c in enumerate(kb.configurations)}
+        return self
+
+    def weights(self, observed: Mapping[str, float]) -> np.ndarray:
+        """The training datasets' weights (summing to 1) given the ``observed`` scores."""
+        cols = [self.index_[k] for k in observed if k in self.index_]
+        log_w = np.zeros(len(self.filled_))
+        if len(cols) >= 2 and self.beta > 0:
+            new = np.array([observed[self.kb_.configurations[j].key] for j in cols])
+            with np.errstate(invalid="ignore"):  # -inf - -inf: two failures, a tie
+                new_order = np.nan_to_num(np.sign(new[:, None] - new[None, :]), nan=0.0)
+            train = self.filled_[:, cols]
+            train_order = np.sign(train[:, :, None] - train[:, None, :])
+            agreement = (new_order[None] * train_order).sum(axis=(1, 2)) / 2  # each pair once
+            log_w = self.beta * agreement / len(cols)
+        w = np.exp(log_w - log_w.max())
+        return np.asarray(w / w.sum())
+
+    def propose(
+        self, metafeatures: Mapping[str, float] | np.ndarray, observed: Mapping[str, float]
+    ) -> Recommendation | None:
+        """The configuration that most raises the weighted mean best score; its predicted
+        score is its weighted mean normalised score."""
+        w = self.weights(observed)
+        seen = [self.index_[k] for k in observed if k in self.index_]
+        remaining = np.setdiff1d(np.arange(self.filled_.shape[1]), seen)
+        remaining = np.array(
+            [j for j in remaining if self.kb_.configurations[j].key not in observed], dtype=int
+        )
+        if len(remaining) == 0:
+            return None
+        best = self.filled_[:, seen].max(axis=1) if seen else np.zeros(len(w))
+        gain = w @ np.maximum(best[:, None], self.filled_[:, remaining])
+        # Ties go to the lower index, as in greedy_portfolio; the tolerance absorbs the
+        # rounding that differs between columns of the product.
+        j = int(remaining[int(np.flatnonzero(gain >= gain.max() - 1e-12)[0])])
+        source = f"active testing: after {len(observed)} evaluations"
+        return Recommendation(self.kb_.configurations[j], float(w @ self.filled_[:, j]), source)
+
+    def rank(
+        self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
+    ) -> list[Recommendation]:
+        """The order before any evaluation: the static portfolio's greedy order."""
+        mean = self.filled_.mean(axis=0)
+        return [
+            Recommendation(self.kb_.configurations[j], float(mean[j]), "active testing: no scores")
+            for j in greedy_portfolio(self.normalised_, n)[:n]
+        ]
+
+
 def mean_best_so_far(
     rec: Recommender, kb: MetaKnowledge, i: int, norm: np.ndarray, budget: int
 ) -> float:
     """Mean over b = 1..``budget`` of the best normalised score of dataset ``i`` among the
-    first b recommendations of the fitted ``rec`` (a missing score counts as 0).
+    first b evaluations of the fitted ``rec`` (:func:`evaluation_order`; a missing score
+    counts as 0).
 
     Example:
         >>> mean_best_so_far.__name__
         'mean_best_so_far'
     """
-    index = {c.key: j for j, c in enumerate(kb.configurations)}
-    ranked = [index[r.config.key] for r in rec.rank(kb.metafeatures[i], budget)]
+    ranked = evaluation_order(rec, kb, i, budget)
     best = np.maximum.accumulate(np.nan_to_num(norm[i, ranked], nan=0.0))
     padded = np.concatenate([best, np.full(budget - len(best), best[-1])])
     return float(padded.mean())
@@ -474,11 +626,23 @@ class InnerCV(Recommender):
             results.append(mean_best_so_far(rec, kb, i, self.normalised_, self.budget))
         return float(np.mean(results)) if results else 0.0
 
+    @property
+    def adaptive(self) -> bool:  # type: ignore[override]
+        """Whether the wrapped recommender is (before fitting: with the first setting)."""
+        best = getattr(self, "best_", None)
+        return (best if best is not None else self.make(self.grid[0])).adaptive
+
     def rank(
         self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
     ) -> list[Recommendation]:
         """The ranking of the recommender with the chosen setting."""
         return self.best_.rank(metafeatures, n)
+
+    def propose(
+        self, metafeatures: Mapping[str, float] | np.ndarray, observed: Mapping[str, float]
+    ) -> Recommendation | None:
+        """The next proposal of the recommender with the chosen setting."""
+        return self.best_.propose(metafeatures, observed)
 
 
 class RandomOrder(Recommender):
@@ -542,17 +706,33 @@ def local_portfolio(grid: Sequence[int | None] = LOCAL_K_GRID, budget: int = 5) 
     return InnerCV(lambda k: LocalPortfolio(k=k), grid, budget=budget)
 
 
+ACTIVE_BETA_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)
+"""The ``beta`` that :func:`active_testing` chooses from: 0 is the static portfolio."""
+
+
+def active_testing(grid: Sequence[float] = ACTIVE_BETA_GRID, budget: int = 5) -> InnerCV:
+    """An :class:`ActiveTesting` whose ``beta`` is chosen by inner leave-one-family-out over
+    the training datasets (:class:`InnerCV`, ``budget`` evaluations).
+
+    Example:
+        >>> active_testing().adaptive
+        True
+    """
+    return InnerCV(lambda beta: ActiveTesting(beta=beta), grid, budget=budget)
+
+
 RECOMMENDERS: dict[str, Any] = {
     "nearest": NearestDatasets,
     "meta-model": MetaModel,
     "static": StaticPortfolio,
     "local": local_portfolio,
+    "active": active_testing,
 }
 
 
 def make_recommender(name: str, **kwargs: Any) -> Recommender:
-    """A recommender by name: ``nearest``, ``meta-model``, ``static`` or ``local``
-    (:func:`local_portfolio`).
+    """A recommender by name: ``nearest``, ``meta-model``, ``static``, ``local``
+    (:func:`local_portfolio`) or ``active`` (:func:`active_testing`, adaptive).
 
     Example:
         >>> make_recommender("nearest", k=3).k

@@ -3,8 +3,9 @@
 :func:`recommend` computes the dataset's meta-features and ranks the meta-knowledge's
 candidates with a recommender. :func:`warm_started_search` is an Optuna study (TPE) whose
 first trials are the recommendations (enqueued), so the sampler starts from what worked on
-similar datasets; it stops at a time budget or a number of trials, then refits the best
-configuration on all rows. :func:`save_model` writes the fitted pipeline with skops (no
+similar datasets; with an :class:`AdaptiveWarmStart` each of those first trials is proposed
+after the scores of the ones before (:class:`~metaml.automl.recommend.ActiveTesting`). It
+stops at a time budget or a number of trials, then refits the best configuration on all rows. :func:`save_model` writes the fitted pipeline with skops (no
 pickle) and :func:`load_model` reads it back, trusting only scikit-learn's and metaml's types.
 
 Example:
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,47 @@ def recommend(
 
 
 @dataclass
+class AdaptiveWarmStart:
+    """Warm start from an adaptive recommender: ``n`` trials, each proposed by the fitted
+    ``recommender`` after the scores of the trials before.
+
+    Example:
+        >>> from metaml.automl.recommend import ActiveTesting
+        >>> AdaptiveWarmStart(ActiveTesting(), {}, n=5).n
+        5
+    """
+
+    recommender: Recommender
+    metafeatures: Mapping[str, float] | np.ndarray
+    n: int = 5
+
+
+def warm_start(
+    X: Any,
+    y: Any,
+    knowledge: MetaKnowledge | str | Path | None = None,
+    method: str = "nearest",
+    n: int = 5,
+    random_state: int = 0,
+) -> list[Recommendation] | AdaptiveWarmStart:
+    """What :func:`warm_started_search` starts from: the first ``n`` recommendations, or, for
+    an adaptive recommender (``method="active"``), an :class:`AdaptiveWarmStart`.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> X, y = rng.normal(size=(60, 3)), np.repeat([0, 1], 30)
+        >>> type(warm_start(X, y, method="active")).__name__
+        'AdaptiveWarmStart'
+    """
+    from metaml.taskrep.metafeatures import metafeatures
+
+    rec = fitted_recommender(knowledge, method)
+    mf = metafeatures(X, y, random_state=random_state)
+    return AdaptiveWarmStart(rec, mf, n) if rec.adaptive else rec.rank(mf, n)
+
+
+@dataclass
 class Trial:
     """One evaluated configuration of a search.
 
@@ -160,7 +202,7 @@ class SearchResult:
 
 def warm_started_search(
     task: TabularTask,
-    recommendations: Sequence[Recommendation],
+    recommendations: Sequence[Recommendation] | AdaptiveWarmStart,
     budget_s: float | None = 60.0,
     n_trials: int | None = None,
     folds: int = 5,
@@ -170,6 +212,9 @@ def warm_started_search(
 ) -> SearchResult:
     """Evaluate the recommendations first, then let Optuna's TPE continue, until ``budget_s``
     seconds or ``n_trials`` trials; refit the best configuration on all rows.
+
+    ``recommendations`` is a ranked list (all enqueued at once) or an
+    :class:`AdaptiveWarmStart` (each of its trials proposed after the scores of those before).
 
     Example:
         >>> from metaml.data.tabular import load_rdataset
@@ -186,18 +231,24 @@ def warm_started_search(
     if budget_s is None and n_trials is None:
         raise UserError("give a time budget or a number of trials")
     opt.logging.set_verbosity(opt.logging.WARNING)
+    n_warm = (
+        recommendations.n
+        if isinstance(recommendations, AdaptiveWarmStart)
+        else len(recommendations)
+    )
     study = opt.create_study(
         direction="maximize",
-        sampler=opt.samplers.TPESampler(seed=seed, n_startup_trials=max(5, len(recommendations))),
+        sampler=opt.samplers.TPESampler(seed=seed, n_startup_trials=max(5, n_warm)),
         storage=storage,
         study_name=study_name,
         load_if_exists=storage is not None,
     )
     sources: dict[str, str] = {}
-    for rec in recommendations:
-        if rec.config.key not in sources:
-            sources[rec.config.key] = rec.source
-            study.enqueue_trial(rec.config.optuna_params())
+    if not isinstance(recommendations, AdaptiveWarmStart):
+        for rec in recommendations:
+            if rec.config.key not in sources:
+                sources[rec.config.key] = rec.source
+                study.enqueue_trial(rec.config.optuna_params())
     trials: list[Trial] = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -215,7 +266,12 @@ def warm_started_search(
 
     start = time.perf_counter()
     with threadpool_limits(1):
-        study.optimize(objective, n_trials=n_trials, timeout=budget_s, gc_after_trial=False)
+        if isinstance(recommendations, AdaptiveWarmStart):
+            _adaptive_trials(study, objective, recommendations, trials, sources, n_trials, budget_s)
+        left_s = None if budget_s is None else budget_s - (time.perf_counter() - start)
+        left_trials = None if n_trials is None else n_trials - len(trials)
+        if (left_s is None or left_s > 0) and (left_trials is None or left_trials > 0):
+            study.optimize(objective, n_trials=left_trials, timeout=left_s, gc_after_trial=False)
         if not trials:
             raise UserError(f"no configuration finished within {budget_s} s; raise --budget")
         best = max(trials, key=lambda t: t.score)
@@ -232,6 +288,30 @@ def warm_started_search(
         "seed": seed,
     }
     return SearchResult(trials, pipeline, info)
+
+
+def _adaptive_trials(
+    study: optuna.Study,
+    objective: Any,
+    warm: AdaptiveWarmStart,
+    trials: list[Trial],
+    sources: dict[str, str],
+    n_trials: int | None,
+    budget_s: float | None,
+) -> None:
+    """Run the warm start's trials one at a time, each proposed from the scores so far."""
+    start = time.perf_counter()
+    for _ in range(warm.n if n_trials is None else min(warm.n, n_trials)):
+        left_s = None if budget_s is None else budget_s - (time.perf_counter() - start)
+        if left_s is not None and left_s <= 0:
+            return
+        observed = {t.config.key: t.score for t in trials}
+        nxt = warm.recommender.propose(warm.metafeatures, observed)
+        if nxt is None:
+            return
+        sources[nxt.config.key] = nxt.source
+        study.enqueue_trial(nxt.config.optuna_params())
+        study.optimize(objective, n_trials=1, timeout=left_s, gc_after_trial=False)
 
 
 def _trusted_type(name: str) -> bool:
