@@ -34,6 +34,16 @@ def test_evaluate_table_and_summary() -> None:
     assert table.count("\n") == len(results) + 1
     summary = automl_loo._summary(results, 10)
     assert summary.count("first recommendation median") == len(automl_loo.RECOMMENDER_NAMES)
+    regret = automl_loo.regret_summary(kb, results)
+    assert regret.count("after 5, median") == len(automl_loo.RECOMMENDER_NAMES)
+
+
+def test_raw_regret_by_hand() -> None:
+    kb = _kb(3, configs=4)
+    kb.scores = np.array([[0.5, 0.6, 0.7, 0.9], [0.8, 0.8, 0.8, 0.8], [0.2, 0.4, 0.6, 0.6]])
+    curves = np.array([[0.5, 0.75, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.5, 1.0, 1.0]])
+    # Best after 2: 0.8 (0.1 below 0.9), 0.8 (none below), 0.4 (0.2 below 0.6).
+    np.testing.assert_allclose(automl_loo.raw_regret(kb, curves, 2), [0.1, 0.0, 0.2])
 
 
 def test_versus_old_uses_only_the_new_datasets() -> None:
