@@ -14,8 +14,9 @@ portfolio on that dataset, 1 = best), read from the dataset's stored scores.
 Methods: nearest-dataset warm start (auto-sklearn's, k=10), the meta-model (fitted on
 normalised scores, and on ranks), the local portfolio (the greedy portfolio of the k nearest
 datasets, k chosen by an inner leave-one-family-out over the training datasets only), active
-testing (adaptive: each evaluation chosen after the stored scores of those before, its
-``beta`` chosen by the same inner leave-one-family-out), random
+testing (adaptive: the meta-model's first recommendation, then each evaluation chosen after
+the stored scores of those before, ``beta`` chosen by the same inner leave-one-family-out;
+``--method active``), random
 search (the mean over 50 random orders), the single default configuration (random forest), the
 static portfolio (greedy, ignores meta-features), and nearest-dataset on meta-features shuffled
 among the training datasets (the mean over 10 shuffles). Reported: the median over datasets with a
@@ -38,13 +39,13 @@ from scipy import stats
 from metaml.automl.evaluation import leave_one_dataset_out
 from metaml.automl.knowledge import MetaKnowledge
 from metaml.automl.recommend import (
+    ActiveTesting,
     MetaModel,
     NearestDatasets,
     RandomOrder,
     Recommender,
     SingleDefault,
     StaticPortfolio,
-    active_testing,
     evaluation_order,
     local_portfolio,
     normalised_scores,
@@ -84,7 +85,9 @@ def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Reco
             n_estimators=trees, random_state=seed, target="rank"
         ),
         "local portfolio (k by inner CV)": local_portfolio,
-        "active testing (beta by inner CV)": active_testing,
+        "active testing (meta-model first, beta by inner CV)": lambda: ActiveTesting(
+            start=MetaModel(n_estimators=trees, random_state=seed)
+        ),
         "static portfolio": StaticPortfolio,
     }
 
@@ -236,7 +239,7 @@ RECOMMENDER_NAMES = (
     "meta-model",
     "meta-model (rank target)",
     "local portfolio (k by inner CV)",
-    "active testing (beta by inner CV)",
+    "active testing (meta-model first, beta by inner CV)",
     "static portfolio",
 )
 

@@ -111,7 +111,9 @@ def test_adaptive_warm_start_proposes_from_the_scores_so_far() -> None:
     )
     assert len(result.trials) == 4
     assert [t.source for t in result.trials[:3]] == [
-        f"active testing: after {k} evaluations" for k in range(3)
+        "active testing: after 0 evaluations",
+        "active testing: after 1 evaluation",
+        "active testing: after 2 evaluations",
     ]
     assert result.trials[3].source == "search (TPE)"
     # Replayed by hand: each warm-start trial is the proposal given the trials before it.
@@ -119,6 +121,9 @@ def test_adaptive_warm_start_proposes_from_the_scores_so_far() -> None:
         seen = {t.config.key: t.score for t in result.trials[:k]}
         proposal = rec.propose(mf, seen)
         assert proposal is not None and proposal.config == result.trials[k].config
+    # A spent time budget stops before the first trial.
+    with pytest.raises(UserError, match="no configuration finished"):
+        warm_started_search(task, AdaptiveWarmStart(rec, mf, n=3), budget_s=1e-9, folds=3)
     # The trial limit cuts the warm start short.
     short = warm_started_search(
         task, AdaptiveWarmStart(rec, mf, n=3), budget_s=None, n_trials=2, folds=3
@@ -128,11 +133,30 @@ def test_adaptive_warm_start_proposes_from_the_scores_so_far() -> None:
     assert isinstance(warm_start(task.X, task.y, knowledge=KB, method="static", n=2), list)
 
 
-def test_estimator_with_the_adaptive_recommender() -> None:
+def test_estimator_with_the_adaptive_recommender(monkeypatch: pytest.MonkeyPatch) -> None:
+    import metaml.automl.knowledge as knowledge
+    from metaml.automl.search import fitted_recommender
+    from metaml.taskrep.metafeatures import metafeatures
+
     task = _toy_task(seed=5)
     X = task.X.assign(c=(task.X["c"] == "u").astype(float)).to_numpy()
+    scored: list[tuple[Any, float]] = []
+    real = knowledge.cross_validate
+
+    def counted(config: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real(config, *args, **kwargs)
+        scored.append((config, out[0]))
+        return out
+
+    monkeypatch.setattr(knowledge, "cross_validate", counted)
     clf = MetaLearnedClassifier(knowledge=KB, method="active", n_evaluations=3, cv=3)
     clf.fit(X, task.y)
+    assert len(scored) == 3
+    # Each configuration is the recommender's proposal given the scores before it.
+    rec, mf = fitted_recommender(KB, "active"), metafeatures(X, task.y, random_state=0)
+    for k, (config, _) in enumerate(scored):
+        proposal = rec.propose(mf, {c.key: v for c, v in scored[:k]})
+        assert proposal is not None and proposal.config == config
     assert 1 <= len(clf.evaluated_) <= 3
     assert clf.best_config_.algorithm == max(clf.evaluated_, key=clf.evaluated_.get)
     assert clf.score(X, task.y) > 0.7
@@ -162,5 +186,5 @@ def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     report = (tmp_path / "active" / "report.json").read_text()
-    assert "active testing: after 0 evaluations" in report
-    assert "active testing: after 1 evaluations" in report
+    assert "active testing: meta-model first" in report
+    assert "active testing: after 1 evaluation" in report

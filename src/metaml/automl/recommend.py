@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -204,13 +205,13 @@ def evaluate_in_order(
         [0.7, 0.7]
     """
     observed: dict[str, float] = {}
-    ranked = iter([] if rec.adaptive else rec.rank(metafeatures))
+    ranked = iter([] if rec.adaptive else rec.rank(metafeatures, budget))
     while len(observed) < budget:
         if rec.adaptive:
             nxt = rec.propose(metafeatures, observed)
         else:
             nxt = next((r for r in ranked if r.config.key not in observed), None)
-        if nxt is None:
+        if nxt is None or nxt.config.key in observed:  # nothing new to evaluate
             return
         score = evaluate(nxt.config)
         observed[nxt.config.key] = score
@@ -223,8 +224,13 @@ def evaluation_order(rec: Recommender, kb: MetaKnowledge, i: int, budget: int) -
     below every real one).
 
     Example:
-        >>> evaluation_order.__name__
-        'evaluation_order'
+        >>> import numpy as np
+        >>> from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+        >>> cands = candidate_configurations(8)
+        >>> kb = MetaKnowledge(["a", "b"], ["a", "b"], ["f"], np.zeros((2, 1)), cands,
+        ...                    np.array([np.linspace(0.5, 0.9, 8)] * 2), np.zeros((2, 8)), {})
+        >>> evaluation_order(StaticPortfolio().fit(kb.subset([0])), kb, 1, 3)  # then ties
+        [7, 0, 1]
     """
     index = {c.key: j for j, c in enumerate(kb.configurations)}
 
@@ -387,21 +393,26 @@ class MetaModel(Recommender):
         ]
 
 
-def greedy_portfolio(norm: np.ndarray, n: int | None = None) -> list[int]:
+def greedy_portfolio(
+    norm: np.ndarray, n: int | None = None, first: Sequence[int] = ()
+) -> list[int]:
     """Columns (candidates) in greedy order: each step adds the one that most raises the mean,
     over rows (datasets), of the best normalised score among those chosen (NaN counts as 0, ties
-    go to the lower index); after ``n`` steps the rest follow by mean score.
+    go to the lower index); after ``n`` steps (counting ``first``) the rest follow by mean
+    score. ``first``: columns chosen already, kept at the front.
 
     Example:
         >>> greedy_portfolio(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 1.0, 0.5]]))
         [1, 0, 2]
+        >>> greedy_portfolio(np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]), first=[2])
+        [2, 0, 1]
     """
     norm = np.nan_to_num(np.asarray(norm, dtype=float), nan=0.0)
     steps = norm.shape[1] if n is None else min(n, norm.shape[1])
-    best = np.zeros(len(norm))
-    order: list[int] = []
-    remaining = np.arange(norm.shape[1])
-    for _ in range(steps):
+    order = [int(j) for j in first]
+    best = norm[:, order].max(axis=1) if order else np.zeros(len(norm))
+    remaining = np.setdiff1d(np.arange(norm.shape[1]), order)
+    for _ in range(steps - len(order)):
         values = np.maximum(best[:, None], norm[:, remaining]).mean(axis=0)
         pick = int(remaining[int(np.argmax(values))])
         order.append(pick)
@@ -491,10 +502,14 @@ class ActiveTesting(Recommender):
     ``d``'s scores order the two as the new dataset's do. The next configuration is the one
     that most raises the weighted mean, over training datasets, of the best normalised score
     among the observed configurations and it (the greedy step of :class:`StaticPortfolio`).
+
     Before any observation the weights are equal, so the first proposal is the static
-    portfolio's; ``beta=0`` keeps them equal throughout (the static portfolio). Meta-features
-    are not used: the observed scores are the task's representation. :meth:`rank` is the
-    order without observations; :meth:`propose` is the adaptive one.
+    portfolio's, unless ``start`` (a recommender fitted with it, e.g. :class:`MetaModel`, which
+    reads the meta-features) gives the first one. ``beta=0`` keeps the weights equal (the
+    static portfolio); ``beta=None`` chooses it from ``grid`` by :class:`InnerCV` on the
+    training datasets (``budget`` evaluations, without ``start``, whose refits would cost a
+    meta-model per inner fold). :meth:`rank` is the order before any score; :meth:`propose`
+    is the adaptive one.
 
     Example:
         >>> ActiveTesting(beta=3.0).adaptive
@@ -504,44 +519,71 @@ class ActiveTesting(Recommender):
     name = "active testing"
     adaptive = True
 
-    def __init__(self, beta: float = 3.0) -> None:
-        if not beta >= 0:
-            raise UserError(f"beta must be >= 0, got {beta!r}")
+    def __init__(
+        self,
+        beta: float | None = None,
+        start: Recommender | None = None,
+        grid: Sequence[float] = (0.0, 1.0, 3.0, 10.0),
+        budget: int = 5,
+    ) -> None:
+        for value in (beta, *grid) if beta is not None else tuple(grid):
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(
+                    f"beta must be a finite number >= 0 (or None: chosen by inner CV from "
+                    f"grid), got {value!r}"
+                )
         self.beta = beta
+        self.start = start
+        self.grid = grid
+        self.budget = budget
 
     def fit(self, kb: MetaKnowledge) -> ActiveTesting:
-        """Keep the training datasets' normalised scores (a missing score as 0, the worst)."""
+        """Keep the training datasets' normalised scores (a missing score as 0, the worst),
+        choose ``beta`` when it is None, fit ``start``."""
         super().fit(kb)
         self.filled_ = np.nan_to_num(self.normalised_, nan=0.0)
         self.index_ = {c.key: j for j, c in enumerate(kb.configurations)}
+        if self.beta is None:
+            inner = InnerCV(lambda b: ActiveTesting(beta=b), self.grid, self.budget).fit(kb)
+            self.beta_ = float(inner.chosen_)
+        else:
+            self.beta_ = float(self.beta)
+        # A copy: fitting must not change the recommender the caller passed in.
+        self.start_ = None if self.start is None else copy.deepcopy(self.start).fit(kb)
         return self
 
     def weights(self, observed: Mapping[str, float]) -> np.ndarray:
         """The training datasets' weights (summing to 1) given the ``observed`` scores."""
         cols = [self.index_[k] for k in observed if k in self.index_]
         log_w = np.zeros(len(self.filled_))
-        if len(cols) >= 2 and self.beta > 0:
+        if len(cols) >= 2 and self.beta_ > 0:
             new = np.array([observed[self.kb_.configurations[j].key] for j in cols])
             with np.errstate(invalid="ignore"):  # -inf - -inf: two failures, a tie
                 new_order = np.nan_to_num(np.sign(new[:, None] - new[None, :]), nan=0.0)
             train = self.filled_[:, cols]
             train_order = np.sign(train[:, :, None] - train[:, None, :])
             agreement = (new_order[None] * train_order).sum(axis=(1, 2)) / 2  # each pair once
-            log_w = self.beta * agreement / len(cols)
+            log_w = self.beta_ * agreement / len(cols)
         w = np.exp(log_w - log_w.max())
         return np.asarray(w / w.sum())
+
+    def _start(self, metafeatures: Mapping[str, float] | np.ndarray) -> Recommendation | None:
+        if self.start_ is None:
+            return None
+        top = self.start_.rank(metafeatures, 1)[0]
+        return Recommendation(top.config, top.score, f"active testing: {self.start_.name} first")
 
     def propose(
         self, metafeatures: Mapping[str, float] | np.ndarray, observed: Mapping[str, float]
     ) -> Recommendation | None:
-        """The configuration that most raises the weighted mean best score; its predicted
-        score is its weighted mean normalised score."""
+        """The configuration that most raises the weighted mean best score (``start``'s first
+        when nothing is observed); its predicted score is its weighted mean normalised score."""
+        first = self._start(metafeatures) if not observed else None
+        if first is not None:
+            return first
         w = self.weights(observed)
         seen = [self.index_[k] for k in observed if k in self.index_]
         remaining = np.setdiff1d(np.arange(self.filled_.shape[1]), seen)
-        remaining = np.array(
-            [j for j in remaining if self.kb_.configurations[j].key not in observed], dtype=int
-        )
         if len(remaining) == 0:
             return None
         best = self.filled_[:, seen].max(axis=1) if seen else np.zeros(len(w))
@@ -549,18 +591,24 @@ class ActiveTesting(Recommender):
         # Ties go to the lower index, as in greedy_portfolio; the tolerance absorbs the
         # rounding that differs between columns of the product.
         j = int(remaining[int(np.flatnonzero(gain >= gain.max() - 1e-12)[0])])
-        source = f"active testing: after {len(observed)} evaluations"
+        m = len(observed)
+        source = f"active testing: after {m} evaluation{'' if m == 1 else 's'}"
         return Recommendation(self.kb_.configurations[j], float(w @ self.filled_[:, j]), source)
 
     def rank(
         self, metafeatures: Mapping[str, float] | np.ndarray, n: int | None = None
     ) -> list[Recommendation]:
-        """The order before any evaluation: the static portfolio's greedy order."""
+        """The order before any score: ``start``'s first, then the static portfolio's greedy
+        order from there."""
+        first = self._start(metafeatures)
+        head = [] if first is None else [self.index_[first.config.key]]
         mean = self.filled_.mean(axis=0)
-        return [
+        out = [] if first is None else [first]
+        out += [
             Recommendation(self.kb_.configurations[j], float(mean[j]), "active testing: no scores")
-            for j in greedy_portfolio(self.normalised_, n)[:n]
+            for j in greedy_portfolio(self.normalised_, n, first=head)[len(head) :]
         ]
+        return out[:n]
 
 
 def mean_best_so_far(
@@ -706,19 +754,15 @@ def local_portfolio(grid: Sequence[int | None] = LOCAL_K_GRID, budget: int = 5) 
     return InnerCV(lambda k: LocalPortfolio(k=k), grid, budget=budget)
 
 
-ACTIVE_BETA_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)
-"""The ``beta`` that :func:`active_testing` chooses from: 0 is the static portfolio."""
-
-
-def active_testing(grid: Sequence[float] = ACTIVE_BETA_GRID, budget: int = 5) -> InnerCV:
-    """An :class:`ActiveTesting` whose ``beta`` is chosen by inner leave-one-family-out over
-    the training datasets (:class:`InnerCV`, ``budget`` evaluations).
+def active_testing(**kwargs: Any) -> ActiveTesting:
+    """What ``--method active`` builds: :class:`ActiveTesting` whose first proposal is the
+    :class:`MetaModel`'s and whose ``beta`` is chosen by inner CV.
 
     Example:
-        >>> active_testing().adaptive
-        True
+        >>> active_testing().start.name
+        'meta-model'
     """
-    return InnerCV(lambda beta: ActiveTesting(beta=beta), grid, budget=budget)
+    return ActiveTesting(start=MetaModel(), **kwargs)
 
 
 RECOMMENDERS: dict[str, Any] = {

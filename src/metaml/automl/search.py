@@ -301,17 +301,21 @@ def _adaptive_trials(
 ) -> None:
     """Run the warm start's trials one at a time, each proposed from the scores so far."""
     start = time.perf_counter()
+    observed: dict[str, float] = {}  # by the proposal's key, whatever Optuna hands back
     for _ in range(warm.n if n_trials is None else min(warm.n, n_trials)):
         left_s = None if budget_s is None else budget_s - (time.perf_counter() - start)
         if left_s is not None and left_s <= 0:
             return
-        observed = {t.config.key: t.score for t in trials}
         nxt = warm.recommender.propose(warm.metafeatures, observed)
-        if nxt is None:
+        if nxt is None or nxt.config.key in observed:
             return
         sources[nxt.config.key] = nxt.source
         study.enqueue_trial(nxt.config.optuna_params())
+        done = len(trials)
         study.optimize(objective, n_trials=1, timeout=left_s, gc_after_trial=False)
+        if len(trials) == done:
+            return
+        observed[nxt.config.key] = trials[-1].score
 
 
 def _trusted_type(name: str) -> bool:
