@@ -5,8 +5,9 @@ candidates with a recommender. :func:`warm_started_search` is an Optuna study (T
 first trials are the recommendations (enqueued), so the sampler starts from what worked on
 similar datasets; with an :class:`AdaptiveWarmStart` each of those first trials is proposed
 after the scores of the ones before (:class:`~metaml.automl.recommend.ActiveTesting`). It
-stops at a time budget or a number of trials, then refits the best configuration on all rows. :func:`save_model` writes the fitted pipeline with skops (no
-pickle) and :func:`load_model` reads it back, trusting only scikit-learn's and metaml's types.
+stops at a time budget or a number of trials, then refits the best configuration on all rows.
+:func:`save_model` writes the fitted pipeline with skops (no pickle) and :func:`load_model`
+reads it back, trusting only scikit-learn's and metaml's types.
 
 Example:
     >>> from metaml.data.tabular import load_rdataset
