@@ -14,6 +14,7 @@ from metaml.automl.recommend import (
     MetaModel,
     NearestDatasets,
     RandomOrder,
+    Recommendation,
     SingleDefault,
     StaticPortfolio,
     active_testing,
@@ -280,9 +281,9 @@ def test_evaluate_in_order_feeds_back_the_scores() -> None:
     new_kind_2 = {CANDS[0]: 0.75, CANDS[1]: 0.7, CANDS[6]: 0.8, CANDS[4]: 0.9}
     calls: list[object] = []
 
-    def evaluate(config: object) -> float:
-        calls.append(config)
-        return new_kind_2.get(config, 0.6)  # type: ignore[call-overload]
+    def evaluate(proposal: Recommendation) -> float:
+        calls.append(proposal.config)
+        return new_kind_2.get(proposal.config, 0.6)
 
     rec = ActiveTesting(beta=3.0).fit(kb)
     steps = list(evaluate_in_order(rec, np.zeros(2), evaluate, budget=4))
@@ -298,6 +299,10 @@ def test_evaluate_in_order_feeds_back_the_scores() -> None:
     static = StaticPortfolio().fit(kb)
     steps = list(evaluate_in_order(static, np.zeros(2), lambda c: 0.5, budget=20))
     assert [r.config for r, _ in steps] == [r.config for r in static.rank(np.zeros(2))]
+    # An evaluation that returns None (it could not run) ends the loop there.
+    scores = iter([0.7, 0.6, None, 0.9])
+    steps = list(evaluate_in_order(rec, np.zeros(2), lambda c: next(scores), budget=4))
+    assert [score for _, score in steps] == [0.7, 0.6]
 
 
 def test_active_testing_adapts_where_the_static_portfolio_cannot() -> None:

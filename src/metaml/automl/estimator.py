@@ -80,8 +80,8 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         from threadpoolctl import threadpool_limits
 
         from metaml.automl.knowledge import cross_validate
-        from metaml.automl.portfolio import Configuration, make_pipeline
-        from metaml.automl.recommend import evaluate_in_order
+        from metaml.automl.portfolio import make_pipeline
+        from metaml.automl.recommend import Recommendation, evaluate_in_order
         from metaml.automl.search import fitted_recommender
         from metaml.data.tabular import TabularTask
         from metaml.taskrep.metafeatures import metafeatures
@@ -103,9 +103,9 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
             if self.n_evaluations > 1 and smallest >= 2 and len(self.classes_) > 1:
                 task = TabularTask(frame, y, "fit", "y")
 
-                def cv_score(config: Configuration) -> float:
+                def cv_score(rec: Recommendation) -> float:
                     try:
-                        return cross_validate(config, task, folds=self.cv, seed=seed)[0]
+                        return cross_validate(rec.config, task, folds=self.cv, seed=seed)[0]
                     except ValueError:
                         return -np.inf  # cannot fit these rows; the others can
 

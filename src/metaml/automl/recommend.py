@@ -187,12 +187,13 @@ class Recommender:
 def evaluate_in_order(
     rec: Recommender,
     metafeatures: Mapping[str, float] | np.ndarray,
-    evaluate: Callable[[Configuration], float],
+    evaluate: Callable[[Recommendation], float | None],
     budget: int,
 ) -> Iterator[tuple[Recommendation, float]]:
     """Evaluate up to ``budget`` candidates of the fitted ``rec`` one by one, each chosen
     after the scores of the ones before (for an adaptive recommender); yields each
-    recommendation with its score.
+    recommendation with its score. ``evaluate`` returning None (it could not, e.g. out of
+    time) ends the loop.
 
     Example:
         >>> import numpy as np
@@ -213,7 +214,9 @@ def evaluate_in_order(
             nxt = next((r for r in ranked if r.config.key not in observed), None)
         if nxt is None or nxt.config.key in observed:  # nothing new to evaluate
             return
-        score = evaluate(nxt.config)
+        score = evaluate(nxt)
+        if score is None:
+            return
         observed[nxt.config.key] = score
         yield nxt, score
 
@@ -234,8 +237,8 @@ def evaluation_order(rec: Recommender, kb: MetaKnowledge, i: int, budget: int) -
     """
     index = {c.key: j for j, c in enumerate(kb.configurations)}
 
-    def stored(config: Configuration) -> float:
-        return float(np.nan_to_num(kb.scores[i, index[config.key]], nan=0.0))
+    def stored(rec: Recommendation) -> float:
+        return float(np.nan_to_num(kb.scores[i, index[rec.config.key]], nan=0.0))
 
     return [
         index[r.config.key] for r, _ in evaluate_in_order(rec, kb.metafeatures[i], stored, budget)

@@ -30,7 +30,12 @@ import numpy as np
 
 from metaml.automl.knowledge import MetaKnowledge, cross_validate
 from metaml.automl.portfolio import Configuration, make_pipeline, suggest_configuration
-from metaml.automl.recommend import Recommendation, Recommender, make_recommender
+from metaml.automl.recommend import (
+    Recommendation,
+    Recommender,
+    evaluate_in_order,
+    make_recommender,
+)
 from metaml.errors import UserError
 
 if TYPE_CHECKING:
@@ -302,21 +307,21 @@ def _adaptive_trials(
 ) -> None:
     """Run the warm start's trials one at a time, each proposed from the scores so far."""
     start = time.perf_counter()
-    observed: dict[str, float] = {}  # by the proposal's key, whatever Optuna hands back
-    for _ in range(warm.n if n_trials is None else min(warm.n, n_trials)):
+
+    def one_trial(rec: Recommendation) -> float | None:
         left_s = None if budget_s is None else budget_s - (time.perf_counter() - start)
         if left_s is not None and left_s <= 0:
-            return
-        nxt = warm.recommender.propose(warm.metafeatures, observed)
-        if nxt is None or nxt.config.key in observed:
-            return
-        sources[nxt.config.key] = nxt.source
-        study.enqueue_trial(nxt.config.optuna_params())
+            return None
+        sources[rec.config.key] = rec.source
+        study.enqueue_trial(rec.config.optuna_params())
         done = len(trials)
         study.optimize(objective, n_trials=1, timeout=left_s, gc_after_trial=False)
-        if len(trials) == done:
-            return
-        observed[nxt.config.key] = trials[-1].score
+        return trials[-1].score if len(trials) > done else None
+
+    budget = warm.n if n_trials is None else min(warm.n, n_trials)
+    # Scores go back keyed by the proposal, whatever configuration Optuna hands the objective.
+    for _ in evaluate_in_order(warm.recommender, warm.metafeatures, one_trial, budget):
+        pass
 
 
 def _trusted_type(name: str) -> bool:
