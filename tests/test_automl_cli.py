@@ -87,6 +87,22 @@ def test_repeats_with_another_split_seed_merge_into_their_mean(
     np.testing.assert_allclose(merged.scores, (r0.scores + r1.scores) / 2, atol=1e-5)
     assert merged.info["split_seeds"] == [0, 1] and "split seeds [0, 1]" in out
 
+    # A build of another task with split seed 0 extends r0: --all-datasets joins them.
+    extension = tmp_path / "pima0.json.gz"
+    pima = [*base[:4], "--task", "MASS/Pima.tr", *base[6:]]
+    store = ["--storage", str(tmp_path / "p0.db"), "--out", str(extension)]
+    code, _, err = run_cli([*pima, *store], capsys)
+    assert code == 0, err
+    joined_file = tmp_path / "joined.json.gz"
+    merge = ["automl", "merge", *map(str, files), str(extension), "--all-datasets"]
+    code, out, err = run_cli([*merge, "--out", str(joined_file)], capsys)
+    assert code == 0, err
+    joined = MetaKnowledge.load(joined_file)
+    assert joined.names == ["datasets/iris", "MASS/Pima.tr"]
+    np.testing.assert_allclose(joined.scores[0], merged.scores[0], atol=1e-5)
+    np.testing.assert_allclose(joined.scores[1], MetaKnowledge.load(extension).scores[0])
+    assert "datasets by number of repeats: 2: 1, 1: 1" in out
+
     # A storage built with one split seed refuses evaluations on another's folds.
     code, _, err = run_cli(
         [*base, "--storage", str(tmp_path / "r0.db"), "--split-seed", "1"], capsys

@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from metaml.automl.corpus import CorpusTask, load_task
 from metaml.automl.knowledge import (
     MetaKnowledge,
+    average_repeats,
     build_knowledge,
     candidate_configurations,
     cross_validate,
@@ -185,6 +186,49 @@ def test_shipped_v2_contains_v1() -> None:
     row = v2.names.index(v1.names[0])
     v1_in_v2 = [v2.scores[row, col[c.key]] for c in v1.configurations]
     np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)
+
+
+def _knowledge(rows: dict[str, list[float]], seeds: list[int]) -> MetaKnowledge:
+    """A two-candidate knowledge with ``rows`` {dataset: scores}, built with ``seeds``."""
+    config = default_configuration("knn").to_json()
+    return MetaKnowledge.from_json(
+        {
+            "format": "metaml-knowledge-1",
+            "folds": 3,
+            "max_rows": 200,
+            "split_seeds": seeds,
+            "metafeature_names": ["m"],
+            "configurations": [config, default_configuration("logreg").to_json()],
+            "datasets": [
+                {"name": n, "family": n, "metafeatures": [len(n)], "scores": s, "fit_times": s}
+                for n, s in rows.items()
+            ],
+        }
+    )
+
+
+def test_merging_all_datasets_weights_each_file_by_its_repeats() -> None:
+    averaged = _knowledge({"a": [0.8, 0.6], "b": [0.5, None]}, [0, 1])  # two seeds each
+    more = _knowledge({"c": [0.9, 0.7]}, [0])  # an extension of seed 0 to another dataset
+    repeat = _knowledge({"a": [0.5, 0.9], "b": [0.8, 0.4], "c": [0.6, 0.4]}, [2])
+    common = average_repeats([averaged, repeat])
+    assert common.names == ["a", "b"]  # c is not in every file
+    # Computed by hand: "averaged" holds two cross-validations, "repeat" one.
+    np.testing.assert_allclose(common.scores, [[0.7, 0.7], [0.6, 0.4]])
+    merged = average_repeats([averaged, more, repeat], all_datasets=True)
+    assert merged.names == ["a", "b", "c"]
+    np.testing.assert_allclose(merged.scores, [[0.7, 0.7], [0.6, 0.4], [0.75, 0.55]])
+    assert merged.metafeatures[:, 0].tolist() == [1, 1, 1]
+    assert merged.info["split_seeds"] == [0, 1, 2]
+    assert merged.info["dataset_split_seeds"] == {"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 2]}
+    # The recorded seeds survive a save and weight the next merge: c counts twice.
+    again = MetaKnowledge.from_json(merged.to_json())
+    later = average_repeats([again, _knowledge({"c": [0.0, 0.1]}, [3])], all_datasets=True)
+    np.testing.assert_allclose(later.scores[2], [0.5, 0.4])
+    assert later.info["dataset_split_seeds"]["c"] == [0, 2, 3]
+    # One split seed twice on one dataset would count one cross-validation as two.
+    with pytest.raises(UserError, match=r"share a split seed .* on c"):
+        average_repeats([merged, _knowledge({"c": [0.5, 0.5]}, [2])], all_datasets=True)
 
 
 def test_default_knowledge_is_v4_the_mean_of_v2_and_its_repeats() -> None:

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -160,16 +161,28 @@ def merge_cmd(
         typer.Argument(help="Meta-knowledge files of the same build, other split seeds."),
     ],
     out: Annotated[Path, typer.Option(help="Write the averaged meta-knowledge here.")],
+    all_datasets: Annotated[
+        bool,
+        typer.Option(
+            "--all-datasets",
+            help="Keep every dataset, averaged over the files that have it (joins a build "
+            "and its extension to more tasks); by default only those in every file.",
+        ),
+    ] = False,
 ) -> None:
     """Average repeats of one build (same candidates, folds and rows; another --split-seed)
     into one meta-knowledge, each score a mean over the repeats' cross-validations.
 
-    Example: metaml automl merge kb-r0.json.gz kb-r1.json.gz --out kb.json.gz
+    Examples:
+
+      metaml automl merge kb-r0.json.gz kb-r1.json.gz --out kb.json.gz
+
+      metaml automl merge kb.json.gz more-tasks.json.gz --all-datasets --out kb-all.json.gz
     """
     from metaml.automl.knowledge import MetaKnowledge, average_repeats
 
     loaded = [MetaKnowledge.load(path) for path in repeats]
-    kb = average_repeats(loaded)
+    kb = average_repeats(loaded, all_datasets=all_datasets)
     left_out = sorted(set().union(*(r.names for r in loaded)) - set(kb.names))
     if left_out:
         typer.echo(f"left out (not in every repeat): {', '.join(left_out)}")
@@ -178,6 +191,13 @@ def merge_cmd(
         f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations, "
         f"split seeds {kb.info['split_seeds']}"
     )
+    per_dataset = kb.info.get("dataset_split_seeds")
+    if per_dataset:
+        counts = Counter(len(seeds) for seeds in per_dataset.values())
+        typer.echo(
+            "datasets by number of repeats: "
+            + ", ".join(f"{n}: {counts[n]}" for n in sorted(counts, reverse=True))
+        )
 
 
 DataArgument = Annotated[

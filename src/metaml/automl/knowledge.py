@@ -436,11 +436,25 @@ class MetaKnowledge:
         )
 
 
-def average_repeats(repeats: Sequence[MetaKnowledge]) -> MetaKnowledge:
+def _split_seeds(kb: MetaKnowledge, name: str) -> list[int]:
+    """The split seeds whose cross-validations dataset ``name``'s scores in ``kb`` average."""
+    per_dataset = kb.info.get("dataset_split_seeds", {})
+    if name in per_dataset:
+        return list(per_dataset[name])
+    return list(kb.info.get("split_seeds", [kb.info.get("seed", 0)]))
+
+
+def average_repeats(repeats: Sequence[MetaKnowledge], all_datasets: bool = False) -> MetaKnowledge:
     """One meta-knowledge whose scores are the mean over ``repeats``: builds of the same
     candidates with the same folds and row limit but other split seeds (``--split-seed``), so
-    each score averages ``len(repeats)`` independent cross-validations. Meta-features come from
-    the first repeat; datasets missing from any repeat are left out.
+    each score averages independent cross-validations. A file that is itself an average
+    counts once per split seed it holds. Meta-features come from the first file that has the
+    dataset.
+
+    By default datasets missing from any repeat are left out. ``all_datasets=True`` keeps
+    every dataset, each averaged over the files that have it (so files of one split seed with
+    different datasets, such as a build and its extension to more tasks, join into one); the
+    split seeds of each dataset are kept in ``info["dataset_split_seeds"]``.
 
     Example:
         >>> a = MetaKnowledge.from_json({"format": "metaml-knowledge-1", "folds": 3,
@@ -454,6 +468,40 @@ def average_repeats(repeats: Sequence[MetaKnowledge]) -> MetaKnowledge:
     """
     if len(repeats) < 2:
         raise UserError(f"averaging needs at least two repeats, got {len(repeats)}")
+    _check_same_protocol(repeats)
+    names = list(dict.fromkeys(name for r in repeats for name in r.names))
+    holders = {name: [r for r in repeats if name in r.names] for name in names}
+    if not all_datasets:
+        names = [name for name in names if len(holders[name]) == len(repeats)]
+    if not names:
+        raise UserError("the repeats have no dataset in common")
+    seeds_of = {name: [s for r in holders[name] for s in _split_seeds(r, name)] for name in names}
+    for name, seeds in seeds_of.items():
+        if len(set(seeds)) < len(seeds):
+            raise UserError(
+                f"the repeats share a split seed ({seeds}) on {name}; each needs its own, or "
+                "other datasets (an extension of a build to more tasks)"
+            )
+    rows = [_weighted_mean_row(name, holders[name]) for name in names]
+    first = holders[names[0]][0]
+    out = MetaKnowledge(
+        names=names,
+        families=[row[0] for row in rows],
+        metafeature_names=first.metafeature_names,
+        metafeatures=np.array([row[1] for row in rows]),
+        configurations=first.configurations,
+        scores=np.array([row[2] for row in rows]),
+        fit_times=np.array([row[3] for row in rows]),
+        info={k: v for k, v in first.info.items() if k != "dataset_split_seeds"},
+    )
+    all_seeds = sorted({s for seeds in seeds_of.values() for s in seeds})
+    out.info["split_seeds"] = all_seeds
+    if any(sorted(seeds) != all_seeds for seeds in seeds_of.values()):
+        out.info["dataset_split_seeds"] = {name: sorted(s) for name, s in seeds_of.items()}
+    return out
+
+
+def _check_same_protocol(repeats: Sequence[MetaKnowledge]) -> None:
     first = repeats[0]
     keys = [c.key for c in first.configurations]
     for other in repeats[1:]:
@@ -468,22 +516,28 @@ def average_repeats(repeats: Sequence[MetaKnowledge]) -> MetaKnowledge:
                     f"the repeats differ in {setting} ({first.info.get(setting)!r} and "
                     f"{other.info.get(setting)!r}); a repeat changes only --split-seed"
                 )
-    common = set(first.names).intersection(*(r.names for r in repeats[1:]))
-    rows = [i for i, name in enumerate(first.names) if name in common]
-    if not rows:
-        raise UserError("the repeats have no dataset in common")
-    aligned = [r.subset([r.names.index(first.names[i]) for i in rows]) for r in repeats]
-    seeds = [s for r in repeats for s in r.info.get("split_seeds", [r.info.get("seed", 0)])]
-    if len(set(seeds)) < len(seeds):
-        raise UserError(f"the repeats share a split seed ({seeds}); each needs its own")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: evaluated in no repeat
-        scores = np.nanmean([r.scores for r in aligned], axis=0)
-        fit_times = np.nanmean([r.fit_times for r in aligned], axis=0)
-    out = first.subset(rows)
-    out.scores, out.fit_times = scores, fit_times
-    out.info = {**first.info, "split_seeds": seeds}
-    return out
+
+
+def _weighted_mean_row(
+    name: str, holders: Sequence[MetaKnowledge]
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Family, meta-features, scores and fit times of dataset ``name``: the scores and times
+    averaged over ``holders``, each weighted by its number of split seeds (NaN where none
+    evaluated the configuration)."""
+    rows = [r.names.index(name) for r in holders]
+    weights = np.array([len(_split_seeds(r, name)) for r in holders], dtype=float)
+
+    def mean(arrays: list[np.ndarray]) -> np.ndarray:
+        stacked = np.array(arrays)
+        w = np.where(np.isnan(stacked), 0.0, weights[:, None])
+        total = w.sum(axis=0)
+        with np.errstate(invalid="ignore"):  # 0/0: evaluated in no repeat, stays NaN
+            return np.asarray((np.nan_to_num(stacked) * w).sum(axis=0) / total)
+
+    scores = mean([r.scores[i] for r, i in zip(holders, rows, strict=True)])
+    times = mean([r.fit_times[i] for r, i in zip(holders, rows, strict=True)])
+    first, i0 = holders[0], rows[0]
+    return first.families[i0], first.metafeatures[i0], scores, times
 
 
 def export_knowledge(
