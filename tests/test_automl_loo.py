@@ -60,3 +60,25 @@ def test_versus_old_uses_only_the_new_datasets() -> None:
     assert automl_loo.versus_old(new, new, results) == "no datasets new in `kb`."
     with pytest.raises(ValueError, match="candidates the new one lacks"):
         automl_loo.versus_old(old, new, results)
+
+
+def test_a_larger_knowledge_is_compared_on_the_held_out_datasets_of_a_smaller_one() -> None:
+    new = _kb(8)
+    old = new.subset(np.arange(5))
+    test = automl_loo.test_rows(new, old)
+    assert test == [0, 1, 2, 3, 4]
+    results = automl_loo.evaluate(new, trees=5, test=test, n_jobs=2)
+    assert all(curves.shape == (5, 10) for curves in results.values())
+    text = automl_loo.versus_old(new, old, results, test, on="test", trees=5)
+    assert text.startswith("5 test datasets")
+    # The static portfolio fitted on the old knowledge, by hand: each test dataset is judged
+    # on the greedy portfolio of the other old datasets (each its own family).
+    from metaml.automl.recommend import StaticPortfolio, evaluation_order, normalised_scores
+
+    norm = normalised_scores(new.scores)
+    firsts = []
+    for i in test:
+        rec = StaticPortfolio().fit(old.subset([j for j in range(5) if j != i]))
+        firsts.append(norm[i, evaluation_order(rec, new, i, 1)[0]])
+    row = next(line for line in text.splitlines() if line.startswith("| static portfolio"))
+    assert row.split(" | ")[1] == f"{np.median(firsts):.3f} ({np.mean(firsts):.3f})"

@@ -133,6 +133,14 @@ def test_leave_one_dataset_out_never_learns_from_the_test_family() -> None:
     leaky = leave_one_dataset_out(alone, {"nearest": lambda i: [NearestDatasets(k=1)]})
     assert leaky["nearest"][:, 0].tolist() == [1.0] * n
     assert (res["nearest"][:, -1] == 1.0).all()  # all candidates tried: the best is found
+    # Holding out only some datasets, in parallel, gives their rows of the full run, in the
+    # order asked (random orders seeded by the test dataset make every row different).
+    methods = {"nearest": lambda i: [NearestDatasets(k=1)], "random": lambda i: [RandomOrder(i)]}
+    full = leave_one_dataset_out(alone, methods)
+    held = leave_one_dataset_out(alone, methods, test=[5, 2], n_jobs=2)
+    assert not np.array_equal(full["random"][5], full["random"][2])
+    for name in methods:
+        np.testing.assert_array_equal(held[name], full[name][[5, 2]])
 
 
 def test_greedy_portfolio_stops_after_n_steps_and_fills_by_mean() -> None:

@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,20 +44,44 @@ def best_so_far(rec: Recommender, kb: MetaKnowledge, i: int, norm: np.ndarray) -
 
 
 def leave_one_dataset_out(
-    kb: MetaKnowledge, methods: Mapping[str, Callable[[int], list[Recommender]]]
+    kb: MetaKnowledge,
+    methods: Mapping[str, Callable[[int], list[Recommender]]],
+    test: Sequence[int] | None = None,
+    n_jobs: int = 1,
+    train_on: MetaKnowledge | None = None,
 ) -> dict[str, np.ndarray]:
-    """``{method: (datasets, candidates)}`` best-so-far normalised scores.
+    """``{method: (tests, candidates)}`` best-so-far normalised scores.
 
     ``methods[name](i)`` returns fresh recommenders for test dataset ``i``; several (random
-    orders, shuffles) are averaged.
+    orders, shuffles) are averaged. ``test`` lists the datasets held out in turn (default: all;
+    every other dataset outside the test dataset's family still trains); ``n_jobs`` runs test
+    datasets in parallel (joblib). ``train_on`` (default ``kb``) is the knowledge the
+    recommenders learn from, less the test dataset's family: another one over some of ``kb``'s
+    candidates (an older, smaller knowledge) is judged on ``kb``'s scores.
     """
+    from joblib import Parallel, delayed
+
+    source = kb if train_on is None else train_on
+    if not {c.key for c in source.configurations} <= {c.key for c in kb.configurations}:
+        raise ValueError("the training knowledge has candidates kb lacks")
+    rows = range(len(kb.names)) if test is None else list(test)
     norm = normalised_scores(kb.scores)
-    n, c = kb.scores.shape
-    out = {m: np.zeros((n, c)) for m in methods}
-    families = np.array(kb.families)
-    for i in range(n):
-        train = kb.subset(np.flatnonzero(families != families[i]))
-        for name, make in methods.items():
-            curves = [best_so_far(rec.fit(train), kb, i, norm) for rec in make(i)]
-            out[name][i] = np.mean(curves, axis=0)
-    return out
+    per_row = Parallel(n_jobs=n_jobs)(
+        delayed(_hold_out)(kb, source, methods, i, norm) for i in rows
+    )
+    return {m: np.array([curves[m] for curves in per_row]) for m in methods}
+
+
+def _hold_out(
+    kb: MetaKnowledge,
+    source: MetaKnowledge,
+    methods: Mapping[str, Callable[[int], list[Recommender]]],
+    i: int,
+    norm: np.ndarray,
+) -> dict[str, np.ndarray]:
+    families = np.array(source.families)
+    train = source.subset(np.flatnonzero(families != kb.families[i]))
+    return {
+        name: np.mean([best_so_far(rec.fit(train), kb, i, norm) for rec in make(i)], axis=0)
+        for name, make in methods.items()
+    }
