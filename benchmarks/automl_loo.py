@@ -86,13 +86,13 @@ def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Reco
     """The meta-learned recommenders and the static portfolio, fresh and unfitted."""
     return {
         "nearest (k=10)": lambda: NearestDatasets(k=10),
-        "meta-model": lambda: MetaModel(n_estimators=trees, random_state=seed),
+        "meta-model": lambda: MetaModel(n_estimators=trees, random_state=seed, n_jobs=1),
         "meta-model (rank target)": lambda: MetaModel(
-            n_estimators=trees, random_state=seed, target="rank"
+            n_estimators=trees, random_state=seed, target="rank", n_jobs=1
         ),
         "local portfolio (k by inner CV)": local_portfolio,
         "active testing (meta-model first, beta by inner CV)": lambda: ActiveTesting(
-            start=MetaModel(n_estimators=trees, random_state=seed)
+            start=MetaModel(n_estimators=trees, random_state=seed, n_jobs=1)
         ),
         "static portfolio": StaticPortfolio,
     }

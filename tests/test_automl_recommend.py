@@ -83,11 +83,14 @@ def test_shuffled_meta_features_lose_the_signal() -> None:
 
 def test_meta_model_ranks_by_the_cluster() -> None:
     kb = _clustered_kb()
-    model = MetaModel(n_estimators=50).fit(kb)
+    model = MetaModel(n_estimators=50, n_jobs=2).fit(kb)
     assert model.rank(np.array([-3.0, 0.5]))[0].config == CANDS[2]
     assert model.rank(np.array([3.0, -0.5]))[0].config == CANDS[5]
     pred = model.predict(np.array([-3.0, 0.5]))
     assert pred.shape == (8,) and pred[2] > 0.8 and pred[5] < 0.5
+    # Two workers grow the same trees as one: the same predictions, bit for bit.
+    one = MetaModel(n_estimators=50, n_jobs=1).fit(kb).predict(np.array([-3.0, 0.5]))
+    np.testing.assert_array_equal(one, pred)
 
 
 def test_static_portfolio_greedy_order_by_hand() -> None:
