@@ -116,7 +116,11 @@ def versus_old(
     index = {c.key for c in kb.configurations}
     if any(c.key not in index for c in old.configurations):
         raise ValueError("the old knowledge has candidates the new one lacks")
+    if on not in ("new", "test"):
+        raise ValueError(f"on must be 'new' or 'test', got {on!r}")
     test = list(range(len(kb.names))) if test is None else list(test)
+    if any(len(curves) != len(test) for curves in results.values()):
+        raise ValueError("results must have one row per test dataset")
     positions = [k for k, i in enumerate(test) if on == "test" or kb.names[i] not in set(old.names)]
     if not positions:
         return "no datasets new in `kb`."
@@ -295,14 +299,17 @@ def regret_summary(kb: MetaKnowledge, results: dict[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
-def test_rows(kb: MetaKnowledge, test_on: MetaKnowledge | None) -> list[int]:
+def held_out_rows(kb: MetaKnowledge, test_on: MetaKnowledge | None) -> list[int]:
     """Positions in ``kb`` of the datasets held out in turn: those of ``test_on`` (all when
     None)."""
     if test_on is None:
         return list(range(len(kb.names)))
     missing = sorted(set(test_on.names) - set(kb.names))
     if missing:
-        raise SystemExit(f"--test-on names datasets the knowledge lacks: {', '.join(missing)}")
+        raise SystemExit(
+            f"--test-on names {len(missing)} datasets the knowledge lacks (first: {missing[0]}); "
+            "pass a knowledge file that contains them"
+        )
     wanted = set(test_on.names)
     return [i for i, name in enumerate(kb.names) if name in wanted]
 
@@ -335,11 +342,14 @@ def main() -> None:
         print(retest(kb, MetaKnowledge.load(args.retest)))
         return
     start = time.perf_counter()
-    test = test_rows(kb, None if args.test_on is None else MetaKnowledge.load(args.test_on))
+    test = held_out_rows(kb, None if args.test_on is None else MetaKnowledge.load(args.test_on))
     results = evaluate(kb, test=test, n_jobs=args.n_jobs)
     if args.curves is not None:
         np.savez(
-            args.curves, names=np.array(list(results)), curves=np.stack(list(results.values()))
+            args.curves,
+            names=np.array(list(results)),
+            curves=np.stack(list(results.values())),
+            datasets=np.array([kb.names[i] for i in test]),
         )
     md = table(results)
     n, c = kb.scores.shape

@@ -188,8 +188,11 @@ def test_shipped_v2_contains_v1() -> None:
     np.testing.assert_allclose(v1_in_v2, v1.scores[0], atol=1e-4)
 
 
-def _knowledge(rows: dict[str, list[float]], seeds: list[int]) -> MetaKnowledge:
-    """A two-candidate knowledge with ``rows`` {dataset: scores}, built with ``seeds``."""
+def _knowledge(
+    rows: dict[str, list[float | None]], seeds: list[int], mf: str = "m"
+) -> MetaKnowledge:
+    """A two-candidate knowledge with ``rows`` {dataset: scores}, built with ``seeds``; the
+    meta-feature ``mf`` is the first split seed plus the dataset's position."""
     config = default_configuration("knn").to_json()
     return MetaKnowledge.from_json(
         {
@@ -197,11 +200,12 @@ def _knowledge(rows: dict[str, list[float]], seeds: list[int]) -> MetaKnowledge:
             "folds": 3,
             "max_rows": 200,
             "split_seeds": seeds,
-            "metafeature_names": ["m"],
+            "metafeature_names": [mf],
             "configurations": [config, default_configuration("logreg").to_json()],
             "datasets": [
-                {"name": n, "family": n, "metafeatures": [len(n)], "scores": s, "fit_times": s}
-                for n, s in rows.items()
+                {"name": n, "family": n, "metafeatures": [seeds[0] + i], "scores": s}
+                | {"fit_times": s}
+                for i, (n, s) in enumerate(rows.items())
             ],
         }
     )
@@ -218,7 +222,9 @@ def test_merging_all_datasets_weights_each_file_by_its_repeats() -> None:
     merged = average_repeats([averaged, more, repeat], all_datasets=True)
     assert merged.names == ["a", "b", "c"]
     np.testing.assert_allclose(merged.scores, [[0.7, 0.7], [0.6, 0.4], [0.75, 0.55]])
-    assert merged.metafeatures[:, 0].tolist() == [1, 1, 1]
+    # Meta-features from the first file that has the dataset: a and b from "averaged" (seed
+    # 0, positions 0 and 1), c from "more" (seed 0, position 0), not from "repeat" (seed 2).
+    assert merged.metafeatures[:, 0].tolist() == [0, 1, 0]
     assert merged.info["split_seeds"] == [0, 1, 2]
     assert merged.info["dataset_split_seeds"] == {"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 2]}
     # The recorded seeds survive a save and weight the next merge: c counts twice.
@@ -227,8 +233,12 @@ def test_merging_all_datasets_weights_each_file_by_its_repeats() -> None:
     np.testing.assert_allclose(later.scores[2], [0.5, 0.4])
     assert later.info["dataset_split_seeds"]["c"] == [0, 2, 3]
     # One split seed twice on one dataset would count one cross-validation as two.
-    with pytest.raises(UserError, match=r"share a split seed .* on c"):
+    with pytest.raises(UserError, match=r"share a split seed on c \[0, 2, 2\]"):
         average_repeats([merged, _knowledge({"c": [0.5, 0.5]}, [2])], all_datasets=True)
+    with pytest.raises(UserError, match=r"no dataset in common.*--all-datasets"):
+        average_repeats([averaged, more])
+    with pytest.raises(UserError, match="different meta-features"):
+        average_repeats([averaged, _knowledge({"a": [0.5, 0.5]}, [2], mf="other")])
 
 
 def test_default_knowledge_is_v4_the_mean_of_v2_and_its_repeats() -> None:

@@ -64,21 +64,32 @@ def test_versus_old_uses_only_the_new_datasets() -> None:
 
 def test_a_larger_knowledge_is_compared_on_the_held_out_datasets_of_a_smaller_one() -> None:
     new = _kb(8)
-    old = new.subset(np.arange(5))
-    test = automl_loo.test_rows(new, old)
-    assert test == [0, 1, 2, 3, 4]
+    old_rows = [1, 3, 6]
+    old = new.subset(old_rows)
+    test = automl_loo.held_out_rows(new, old)
+    assert test == old_rows
     results = automl_loo.evaluate(new, trees=5, test=test, n_jobs=2)
-    assert all(curves.shape == (5, 10) for curves in results.values())
+    assert all(curves.shape == (3, 10) for curves in results.values())
     text = automl_loo.versus_old(new, old, results, test, on="test", trees=5)
-    assert text.startswith("5 test datasets")
-    # The static portfolio fitted on the old knowledge, by hand: each test dataset is judged
-    # on the greedy portfolio of the other old datasets (each its own family).
+    assert text.startswith("3 test datasets")
+    # The static portfolio by hand: each test dataset is judged on the greedy portfolio of
+    # the other old datasets ("old"), or of all 7 other datasets ("new"; each its own family).
     from metaml.automl.recommend import StaticPortfolio, evaluation_order, normalised_scores
 
     norm = normalised_scores(new.scores)
-    firsts = []
-    for i in test:
-        rec = StaticPortfolio().fit(old.subset([j for j in range(5) if j != i]))
-        firsts.append(norm[i, evaluation_order(rec, new, i, 1)[0]])
+
+    def first_choice(i: int, train: list[int]) -> float:
+        rec = StaticPortfolio().fit(new.subset([j for j in train if j != i]))
+        return float(norm[i, evaluation_order(rec, new, i, 1)[0]])
+
+    before = [first_choice(i, old_rows) for i in test]
+    after = [first_choice(i, list(range(8))) for i in test]
+    np.testing.assert_allclose(results["static portfolio"][:, 0], after)
     row = next(line for line in text.splitlines() if line.startswith("| static portfolio"))
-    assert row.split(" | ")[1] == f"{np.median(firsts):.3f} ({np.mean(firsts):.3f})"
+    cells = row.split(" | ")
+    assert cells[1] == f"{np.median(before):.3f} ({np.mean(before):.3f})"
+    assert cells[2].startswith(f"{np.median(after):.3f} ({np.mean(after):.3f})")
+    with pytest.raises(ValueError, match="'new' or 'test'"):
+        automl_loo.versus_old(new, old, results, test, on="tests")
+    with pytest.raises(ValueError, match="one row per test dataset"):
+        automl_loo.versus_old(new, old, results, [0, 1], on="test")

@@ -158,7 +158,10 @@ def build_cmd(
 def merge_cmd(
     repeats: Annotated[
         list[Path],
-        typer.Argument(help="Meta-knowledge files of the same build, other split seeds."),
+        typer.Argument(
+            help="Meta-knowledge files of the same build: other split seeds, or (with "
+            "--all-datasets) other tasks."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Write the averaged meta-knowledge here.")],
     all_datasets: Annotated[
@@ -185,7 +188,9 @@ def merge_cmd(
     kb = average_repeats(loaded, all_datasets=all_datasets)
     left_out = sorted(set().union(*(r.names for r in loaded)) - set(kb.names))
     if left_out:
-        typer.echo(f"left out (not in every repeat): {', '.join(left_out)}")
+        typer.echo(
+            f"left out (not in every repeat; --all-datasets keeps them): {', '.join(left_out)}"
+        )
     kb.save(out)
     typer.echo(
         f"wrote {out}: {len(kb.names)} datasets x {len(kb.configurations)} configurations, "

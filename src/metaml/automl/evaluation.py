@@ -55,15 +55,19 @@ def leave_one_dataset_out(
     ``methods[name](i)`` returns fresh recommenders for test dataset ``i``; several (random
     orders, shuffles) are averaged. ``test`` lists the datasets held out in turn (default: all;
     every other dataset outside the test dataset's family still trains); ``n_jobs`` runs test
-    datasets in parallel (joblib). ``train_on`` (default ``kb``) is the knowledge the
+    datasets in parallel (joblib; build each :class:`MetaModel` with ``n_jobs=1`` then, or the
+    workers' forests share the cores); rows come in the order of ``test``. ``train_on`` (default ``kb``) is the knowledge the
     recommenders learn from, less the test dataset's family: another one over some of ``kb``'s
     candidates (an older, smaller knowledge) is judged on ``kb``'s scores.
     """
     from joblib import Parallel, delayed
 
     source = kb if train_on is None else train_on
-    if not {c.key for c in source.configurations} <= {c.key for c in kb.configurations}:
-        raise ValueError("the training knowledge has candidates kb lacks")
+    extra = {c.key for c in source.configurations} - {c.key for c in kb.configurations}
+    if extra:
+        raise ValueError(f"train_on has {len(extra)} candidates kb lacks")
+    if source.metafeature_names != kb.metafeature_names:
+        raise ValueError("train_on describes datasets by other meta-features than kb")
     rows = range(len(kb.names)) if test is None else list(test)
     norm = normalised_scores(kb.scores)
     per_row = Parallel(n_jobs=n_jobs)(

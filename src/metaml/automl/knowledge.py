@@ -454,7 +454,8 @@ def average_repeats(repeats: Sequence[MetaKnowledge], all_datasets: bool = False
     By default datasets missing from any repeat are left out. ``all_datasets=True`` keeps
     every dataset, each averaged over the files that have it (so files of one split seed with
     different datasets, such as a build and its extension to more tasks, join into one); the
-    split seeds of each dataset are kept in ``info["dataset_split_seeds"]``.
+    split seeds of each dataset are kept in ``info["dataset_split_seeds"]``. (A score a file
+    could not average over all its seeds, a failed fit, still counts with the file's weight.)
 
     Example:
         >>> a = MetaKnowledge.from_json({"format": "metaml-knowledge-1", "folds": 3,
@@ -474,14 +475,19 @@ def average_repeats(repeats: Sequence[MetaKnowledge], all_datasets: bool = False
     if not all_datasets:
         names = [name for name in names if len(holders[name]) == len(repeats)]
     if not names:
-        raise UserError("the repeats have no dataset in common")
+        raise UserError(
+            "the repeats have no dataset in common; to join files of different datasets, "
+            "keep every dataset (--all-datasets)"
+        )
     seeds_of = {name: [s for r in holders[name] for s in _split_seeds(r, name)] for name in names}
-    for name, seeds in seeds_of.items():
-        if len(set(seeds)) < len(seeds):
-            raise UserError(
-                f"the repeats share a split seed ({seeds}) on {name}; each needs its own, or "
-                "other datasets (an extension of a build to more tasks)"
-            )
+    clashes = [f"{n} {s}" for n, s in seeds_of.items() if len(set(s)) < len(s)]
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise UserError(
+            f"the repeats share a split seed on {', '.join(clashes[:3])}{more}: one "
+            "cross-validation would count twice; each repeat needs its own --split-seed (files "
+            "of one seed may only hold different datasets)"
+        )
     rows = [_weighted_mean_row(name, holders[name]) for name in names]
     first = holders[names[0]][0]
     out = MetaKnowledge(
@@ -505,6 +511,12 @@ def _check_same_protocol(repeats: Sequence[MetaKnowledge]) -> None:
     first = repeats[0]
     keys = [c.key for c in first.configurations]
     for other in repeats[1:]:
+        if other.metafeature_names != first.metafeature_names:
+            raise UserError(
+                "the files describe datasets by different meta-features "
+                f"({len(first.metafeature_names)} and {len(other.metafeature_names)} names); "
+                "export them with the same metaml version"
+            )
         if [c.key for c in other.configurations] != keys:
             raise UserError(
                 "the repeats evaluate different candidates; build them with the same "
