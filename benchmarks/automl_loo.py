@@ -23,7 +23,10 @@ among the training datasets (the mean over 10 shuffles). Reported: the median ov
 bootstrap 95% CI, the mean, and a two-sided Wilcoxon signed-rank test against the static
 portfolio. ``--record`` appends the table to ``benchmarks/RESULTS.md`` and writes the plot
 ``benchmarks/automl_loo.png``; the section title names the knowledge's size, so a new
-knowledge gets its own section.
+knowledge gets its own section. ``--test-on SMALL`` holds out only the datasets of another
+knowledge file (everything else still trains), ``--compare-with OLD`` adds each recommender
+fitted on ``OLD`` (on the datasets new since, or with ``--test-on`` on the held-out ones),
+``--n-jobs`` runs test datasets in parallel.
 """
 
 from __future__ import annotations
