@@ -261,3 +261,26 @@ def test_default_knowledge_is_v4_the_mean_of_v2_and_its_repeats() -> None:
     # Each repeat measured the same candidates on other splits: close, but not a copy.
     for r in repeats:
         assert 0 < np.abs(r.scores - v2.scores).mean() < 0.1
+
+
+def test_v5_joins_v4_and_the_extension_to_more_tasks() -> None:
+    """v5: v4's datasets (four repeats) and 235 more tasks (split seed 0, one repeat)."""
+    from metaml.automl.corpus import load_corpus
+
+    v5, v4 = _shipped("knowledge_v5.json.gz"), _shipped("knowledge_v4.json.gz")
+    more = _shipped("knowledge_v2_more.json.gz")
+    assert more.info["split_seeds"] == [0] and np.isfinite(more.scores).all()
+    assert not set(more.names) & set(v4.names)
+    assert v5.names == v4.names + more.names and len(v5.names) >= 300
+    assert [c.key for c in v5.configurations] == [c.key for c in v4.configurations]
+    assert {k: more.info[k] for k in ("folds", "max_rows", "corpus")} == {
+        k: v4.info[k] for k in ("folds", "max_rows", "corpus")
+    }
+    # Independent of average_repeats: v4's rows as they are, then the extension's.
+    np.testing.assert_allclose(v5.scores, np.vstack([v4.scores, more.scores]), atol=1e-5)
+    np.testing.assert_array_equal(v5.metafeatures, np.vstack([v4.metafeatures, more.metafeatures]))
+    seeds = v5.info["dataset_split_seeds"]
+    assert all(seeds[n] == [0, 1, 2, 3] for n in v4.names)
+    assert all(seeds[n] == [0] for n in more.names)
+    corpus = {t.name: t.family for t in load_corpus()}
+    assert all(corpus[n] == f for n, f in zip(v5.names, v5.families, strict=True))
