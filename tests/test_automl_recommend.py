@@ -144,6 +144,16 @@ def test_leave_one_dataset_out_never_learns_from_the_test_family() -> None:
     assert not np.array_equal(full["random"][5], full["random"][2])
     for name in methods:
         np.testing.assert_array_equal(held[name], full[name][[5, 2]])
+    # Training on another knowledge needs kb's candidates and meta-features.
+    nine = np.hstack([scores, scores[:, :1]])
+    more = MetaKnowledge(
+        names, names, ["f"], mf, candidate_configurations(9), nine, np.zeros((n, 9)), {}
+    )
+    with pytest.raises(ValueError, match="1 candidates kb lacks"):
+        leave_one_dataset_out(alone, methods, train_on=more)
+    other = MetaKnowledge(names, names, ["g"], mf, CANDS, scores, np.zeros((n, 8)), {})
+    with pytest.raises(ValueError, match="other meta-features"):
+        leave_one_dataset_out(alone, methods, train_on=other)
 
 
 def test_greedy_portfolio_stops_after_n_steps_and_fills_by_mean() -> None:

@@ -54,11 +54,12 @@ def leave_one_dataset_out(
 
     ``methods[name](i)`` returns fresh recommenders for test dataset ``i``; several (random
     orders, shuffles) are averaged. ``test`` lists the datasets held out in turn (default: all;
-    every other dataset outside the test dataset's family still trains); ``n_jobs`` runs test
-    datasets in parallel (joblib; build each :class:`MetaModel` with ``n_jobs=1`` then, or the
-    workers' forests share the cores); rows come in the order of ``test``. ``train_on`` (default ``kb``) is the knowledge the
-    recommenders learn from, less the test dataset's family: another one over some of ``kb``'s
-    candidates (an older, smaller knowledge) is judged on ``kb``'s scores.
+    every other dataset outside the test dataset's family still trains); rows come in its
+    order. ``n_jobs`` runs test datasets in parallel (joblib; build each :class:`MetaModel`
+    with ``n_jobs=1`` then, or the workers' forests share the cores). ``train_on`` (default
+    ``kb``) is the knowledge the recommenders learn from, less the test dataset's family:
+    another one over some of ``kb``'s candidates (an older, smaller knowledge) is judged on
+    ``kb``'s scores.
     """
     from joblib import Parallel, delayed
 
