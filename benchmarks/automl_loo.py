@@ -124,7 +124,8 @@ def versus_old(
     test = list(range(len(kb.names))) if test is None else list(test)
     if any(len(curves) != len(test) for curves in results.values()):
         raise ValueError("results must have one row per test dataset")
-    positions = [k for k, i in enumerate(test) if on == "test" or kb.names[i] not in set(old.names)]
+    old_names = set(old.names)
+    positions = [k for k, i in enumerate(test) if on == "test" or kb.names[i] not in old_names]
     if not positions:
         return "no datasets new in `kb`."
     methods = {name: _one(make) for name, make in recommenders(seed, trees).items()}
