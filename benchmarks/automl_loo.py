@@ -149,6 +149,60 @@ def versus_old(
     return f"{len(rows)} {which}:\n\n" + "\n".join(lines)
 
 
+def repeat_weighting(
+    kb: MetaKnowledge,
+    test: Sequence[int],
+    n_jobs: int = 1,
+    old: MetaKnowledge | None = None,
+    old_name: str = "the old knowledge",
+    seed: int = 0,
+    trees: int = 100,
+) -> str:
+    """Markdown: the meta-model fitted unweighted against weighted by each dataset's number of
+    repeats (``MetaModel(weight_by_repeats=True)``), held out on the datasets ``test``, and
+    (with ``old``) unweighted fitted on ``old``; Wilcoxon p against the unweighted on ``kb``."""
+
+    def model(weighted: bool) -> Callable[[int], list[Recommender]]:
+        return _one(
+            lambda: MetaModel(
+                n_estimators=trees, random_state=seed, n_jobs=1, weight_by_repeats=weighted
+            )
+        )
+
+    results = leave_one_dataset_out(
+        kb,
+        {"meta-model": model(False), "meta-model, weighted by repeats": model(True)},
+        test,
+        n_jobs,
+    )
+    if old is not None:
+        before = leave_one_dataset_out(kb, {"m": model(False)}, test, n_jobs, train_on=old)
+        results[f"meta-model fitted on {old_name}"] = before["m"]
+    plain = results["meta-model"]
+    lines = ["| method | after 1 | after 5 |", "|---|---|---|"]
+    for name, curves in results.items():
+        cells = []
+        for b in (1, 5):
+            col, ref = curves[:, b - 1], plain[:, b - 1]
+            lo, hi = _bootstrap_median_ci(col)
+            cell = f"{np.median(col):.3f} [{lo:.3f}, {hi:.3f}] ({np.mean(col):.3f})"
+            if name != "meta-model":
+                p = (
+                    stats.wilcoxon(col, ref, zero_method="zsplit").pvalue
+                    if np.any(col - ref)
+                    else 1.0
+                )
+                cell += f" p={p:.2g}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    repeats = kb.repeats()
+    values, counts_of = np.unique(repeats, return_counts=True)
+    counts = ", ".join(f"{n} with {r}" for r, n in zip(values, counts_of, strict=True))
+    return f"{len(kb.names)} training datasets by number of repeats: {counts}.\n\n" + "\n".join(
+        lines
+    )
+
+
 def retest(first: MetaKnowledge, second: MetaKnowledge, seed: int = 0) -> str:
     """Markdown: how noisy one build's scores are, from a repeat with another split seed.
 
@@ -340,6 +394,12 @@ def main() -> None:
         default=None,
         help="A repeat of the knowledge with another --split-seed: report only its noise.",
     )
+    parser.add_argument(
+        "--weighting",
+        action="store_true",
+        help="Only the meta-model, unweighted against weighted by repeats (and fitted on "
+        "--compare-with).",
+    )
     args = parser.parse_args()
     kb = MetaKnowledge.load(args.knowledge)
     if args.retest is not None:
@@ -347,6 +407,9 @@ def main() -> None:
         return
     start = time.perf_counter()
     test = held_out_rows(kb, None if args.test_on is None else MetaKnowledge.load(args.test_on))
+    if args.weighting:
+        _weighting_only(args, kb, test, start)
+        return
     results = evaluate(kb, test=test, n_jobs=args.n_jobs)
     if args.curves is not None:
         np.savez(
@@ -405,6 +468,38 @@ def main() -> None:
         if args.test_on is not None:
             title += f", {len(test)} held out"
         append_section(title, body)
+
+
+def _weighting_only(
+    args: argparse.Namespace, kb: MetaKnowledge, test: list[int], start: float
+) -> None:
+    old = None if args.compare_with is None else MetaKnowledge.load(args.compare_with)
+    old_name = f"`{args.compare_with.name}`" if args.compare_with else ""
+    md = repeat_weighting(kb, test, args.n_jobs, old, old_name)
+    took = time.perf_counter() - start
+    print(md)
+    print(f"{len(test)} held out; {took:.0f} s")
+    if args.record:
+        from benchmarks.common import append_section
+
+        options = f" --knowledge {args.knowledge}" if args.knowledge else ""
+        for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
+            options += f" {flag} {value}" if value is not None else ""
+        body = (
+            f"Leave-one-dataset-out as above, on {len(test)} held-out datasets, only the "
+            f"meta-model: fitted unweighted, weighted by each training dataset's number of "
+            f"repeats (`MetaModel(weight_by_repeats=True)`), and unweighted on the older "
+            f"knowledge. Cells: median [bootstrap 95% CI] (mean) best normalised balanced "
+            f"accuracy; p: two-sided Wilcoxon against the unweighted meta-model on the same "
+            f"knowledge. {took:.0f} s. Run: `python -m benchmarks.automl_loo{options} "
+            f"--weighting --record`.\n\n{md}\n"
+        )
+        n, c = kb.scores.shape
+        append_section(
+            f"AutoML meta-model weighted by repeats, {n} datasets x {c} configurations, "
+            f"{len(test)} held out",
+            body,
+        )
 
 
 if __name__ == "__main__":

@@ -232,6 +232,8 @@ def test_merging_all_datasets_weights_each_file_by_its_repeats() -> None:
     later = average_repeats([again, _knowledge({"c": [0.0, 0.1]}, [3])], all_datasets=True)
     np.testing.assert_allclose(later.scores[2], [0.5, 0.4])
     assert later.info["dataset_split_seeds"]["c"] == [0, 2, 3]
+    assert later.repeats().tolist() == [3, 3, 3] and merged.repeats().tolist() == [3, 3, 2]
+    assert merged.subset([2, 0]).repeats().tolist() == [2, 3]
     # One split seed twice on one dataset would count one cross-validation as two.
     with pytest.raises(UserError, match=r"share a split seed on c \[0, 2, 2\]"):
         average_repeats([merged, _knowledge({"c": [0.5, 0.5]}, [2])], all_datasets=True)
@@ -282,5 +284,6 @@ def test_v5_joins_v4_and_the_extension_to_more_tasks() -> None:
     seeds = v5.info["dataset_split_seeds"]
     assert all(seeds[n] == [0, 1, 2, 3] for n in v4.names)
     assert all(seeds[n] == [0] for n in more.names)
+    assert v5.repeats().tolist() == [4] * len(v4.names) + [1] * len(more.names)
     corpus = {t.name: t.family for t in load_corpus()}
     assert all(corpus[n] == f for n, f in zip(v5.names, v5.families, strict=True))

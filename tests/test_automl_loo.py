@@ -93,3 +93,29 @@ def test_a_larger_knowledge_is_compared_on_the_held_out_datasets_of_a_smaller_on
         automl_loo.versus_old(new, old, results, test, on="tests")
     with pytest.raises(ValueError, match="one row per test dataset"):
         automl_loo.versus_old(new, old, results, [0, 1], on="test")
+
+
+def test_repeat_weighting_compares_the_meta_model_weighted_and_not() -> None:
+    kb = _kb(8)
+    kb.info = {
+        "dataset_split_seeds": {n: [0, 1, 2] if i < 3 else [0] for i, n in enumerate(kb.names)}
+    }
+    old = kb.subset([0, 1, 2])
+    text = automl_loo.repeat_weighting(kb, [0, 4, 6], old=old, old_name="`old`", trees=5)
+    assert text.startswith("8 training datasets by number of repeats: 5 with 1, 3 with 3.")
+    rows = [line for line in text.splitlines() if line.startswith("| meta-model")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| meta-model",
+        "| meta-model, weighted by repeats",
+        "| meta-model fitted on `old`",
+    ]
+    # The weighted row's first recommendations by hand: fit on the 7 others, take the top.
+    from metaml.automl.recommend import MetaModel, evaluation_order, normalised_scores
+
+    norm = normalised_scores(kb.scores)
+    firsts = []
+    for i in (0, 4, 6):
+        model = MetaModel(n_estimators=5, n_jobs=1, weight_by_repeats=True)
+        model.fit(kb.subset([j for j in range(8) if j != i]))
+        firsts.append(norm[i, evaluation_order(model, kb, i, 1)[0]])
+    assert rows[1].split(" | ")[1].startswith(f"{np.median(firsts):.3f} [")

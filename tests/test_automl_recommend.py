@@ -209,6 +209,41 @@ def test_inner_cv_chooses_k_on_the_training_datasets_only() -> None:
     assert local_portfolio(grid=[1, 2]).grid == [1, 2]
 
 
+def _disagreeing_repeats_kb() -> MetaKnowledge:
+    """Six datasets the meta-features cannot tell apart: two measured four times rank
+    candidate 0 first and 1 last, four measured once the other way round."""
+    scores = np.full((6, 8), 0.5)
+    scores[:2, 0], scores[:2, 1] = 0.9, 0.1
+    scores[2:, 0], scores[2:, 1] = 0.1, 0.9
+    names = [f"d{i}" for i in range(6)]
+    seeds = {n: [0, 1, 2, 3] if i < 2 else [0] for i, n in enumerate(names)}
+    mf = np.ones((6, 2))
+    info = {"split_seeds": [0, 1, 2, 3], "dataset_split_seeds": seeds}
+    return MetaKnowledge(names, names, ["f0", "f1"], mf, CANDS, scores, np.zeros((6, 8)), info)
+
+
+def test_meta_model_weighs_datasets_by_their_repeats() -> None:
+    kb = _disagreeing_repeats_kb()
+    assert kb.repeats().tolist() == [4, 4, 1, 1, 1, 1]
+    plain = MetaModel(n_estimators=100).fit(kb)
+    weighted = MetaModel(n_estimators=100, weight_by_repeats=True).fit(kb)
+    # By count, four datasets against two put candidate 1 first; by weight, 8 against 4
+    # cross-validations put candidate 0 first.
+    assert plain.sample_weight_ is None
+    assert plain.rank(np.ones(2))[0].config == CANDS[1]
+    assert weighted.rank(np.ones(2))[0].config == CANDS[0]
+    pred = weighted.predict(np.ones(2))
+    assert pred[0] > 0.5 > pred[1]
+    # One weight per (dataset, candidate) row, the dataset's number of repeats.
+    np.testing.assert_array_equal(weighted.sample_weight_, np.repeat([4, 4, 1, 1, 1, 1], 8))
+    # Equal repeats everywhere: no weights, so exactly the unweighted forest.
+    even = _clustered_kb()
+    np.testing.assert_array_equal(
+        MetaModel(n_estimators=20, weight_by_repeats=True).fit(even).predict(np.zeros(2)),
+        MetaModel(n_estimators=20).fit(even).predict(np.zeros(2)),
+    )
+
+
 def test_meta_model_on_ranks() -> None:
     kb = _clustered_kb()
     model = MetaModel(n_estimators=50, target="rank").fit(kb)

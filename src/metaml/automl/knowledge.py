@@ -421,6 +421,15 @@ class MetaKnowledge:
 
         atomic_write(path, write)
 
+    def repeats(self) -> np.ndarray:
+        """How many cross-validations (one per split seed) each dataset's scores average.
+
+        Example:
+            >>> MetaKnowledge.load().repeats()[:3]
+            array([4, 4, 4])
+        """
+        return np.array([len(_split_seeds(self, name)) for name in self.names], dtype=int)
+
     def subset(self, rows: Sequence[int] | np.ndarray) -> MetaKnowledge:
         """The same knowledge restricted to the datasets at ``rows``."""
         idx = np.asarray(rows, dtype=int)

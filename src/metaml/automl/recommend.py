@@ -337,6 +337,11 @@ class MetaModel(Recommender):
     :func:`rank_scores`) from the dataset's meta-features and the configuration; candidates
     ranked by the prediction. ``n_jobs`` workers fit the forest (-1: every core).
 
+    ``weight_by_repeats=True`` weighs each training dataset by the number of cross-validations
+    its scores average (:meth:`MetaKnowledge.repeats`): a mean of ``r`` repeats has ``1/r``
+    the noise variance of one, so a knowledge that joins repeated and single measurements
+    (``metaml automl merge --all-datasets``) does not let the noisier datasets count as much.
+
     Example:
         >>> MetaModel(n_estimators=50).n_estimators
         50
@@ -350,6 +355,7 @@ class MetaModel(Recommender):
         random_state: int = 0,
         target: str = "normalised",
         n_jobs: int = -1,
+        weight_by_repeats: bool = False,
     ) -> None:
         if target not in ("normalised", "rank"):
             raise UserError(f"target must be 'normalised' or 'rank', got {target!r}")
@@ -357,6 +363,7 @@ class MetaModel(Recommender):
         self.random_state = random_state
         self.target = target
         self.n_jobs = n_jobs
+        self.weight_by_repeats = weight_by_repeats
 
     def fit(self, kb: MetaKnowledge) -> MetaModel:
         """Fit the forest on every (training dataset, evaluated configuration) pair."""
@@ -373,17 +380,26 @@ class MetaModel(Recommender):
         y = rank_scores(kb.scores) if self.target == "rank" else self.normalised_
         rows, cols = np.nonzero(~np.isnan(y))
         features = np.hstack([z[rows], self.config_matrix_[cols]])
+        self.sample_weight_ = self._row_weights(kb, rows)
         self.forest_ = RandomForestRegressor(
             n_estimators=self.n_estimators,
             min_samples_leaf=3,
             max_features=0.5,
             n_jobs=self.n_jobs,  # the same trees whatever the number of workers
             random_state=self.random_state,
-        ).fit(features, y[rows, cols])
+        ).fit(features, y[rows, cols], sample_weight=self.sample_weight_)
         # Predicting 64 rows is cheap, and one worker sums the trees in a fixed order, so ties
         # between candidates break the same way on every run.
         self.forest_.set_params(n_jobs=1)
         return self
+
+    def _row_weights(self, kb: MetaKnowledge, rows: np.ndarray) -> np.ndarray | None:
+        """Per training row, its dataset's number of repeats; None when unweighted or when
+        every dataset has as many (the same trees as unweighted, without rounding drift)."""
+        if not self.weight_by_repeats:
+            return None
+        repeats = kb.repeats()
+        return None if np.all(repeats == repeats[0]) else repeats[rows].astype(float)
 
     def predict(self, metafeatures: Mapping[str, float] | np.ndarray) -> np.ndarray:
         """Predicted normalised score (or scaled rank) of every candidate configuration."""
