@@ -287,3 +287,24 @@ def test_v5_joins_v4_and_the_extension_to_more_tasks() -> None:
     assert v5.repeats().tolist() == [4] * len(v4.names) + [1] * len(more.names)
     corpus = {t.name: t.family for t in load_corpus()}
     assert all(corpus[n] == f for n, f in zip(v5.names, v5.families, strict=True))
+
+
+def test_v6_adds_a_second_repeat_of_the_extension() -> None:
+    v6, v5 = _shipped("knowledge_v6.json.gz"), _shipped("knowledge_v5.json.gz")
+    more, again = (
+        _shipped("knowledge_v2_more.json.gz"),
+        _shipped("knowledge_v2_more_split1.json.gz"),
+    )
+    assert again.info["split_seeds"] == [1] and again.names == more.names
+    assert np.isfinite(again.scores).all()
+    assert [c.key for c in again.configurations] == [c.key for c in more.configurations]
+    assert v6.names == v5.names
+    # Independent of average_repeats: v4's 86 rows as in v5, then the plain mean of the
+    # extension's two repeats.
+    n4 = len(v5.names) - len(more.names)
+    expected = np.vstack([v5.scores[:n4], (more.scores + again.scores) / 2])
+    np.testing.assert_allclose(v6.scores, expected, atol=1e-5)
+    np.testing.assert_array_equal(v6.metafeatures, v5.metafeatures)
+    assert v6.repeats().tolist() == [4] * n4 + [2] * len(more.names)
+    # A second split seed really drew other folds: the scores moved.
+    assert 0 < np.abs(again.scores - more.scores).mean() < 0.1
