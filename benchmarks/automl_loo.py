@@ -26,7 +26,8 @@ portfolio. ``--record`` appends the table to ``benchmarks/RESULTS.md`` and write
 knowledge gets its own section. ``--test-on SMALL`` holds out only the datasets of another
 knowledge file (everything else still trains), ``--compare-with OLD`` adds each recommender
 fitted on ``OLD`` (on the datasets new since, or with ``--test-on`` on the held-out ones),
-``--n-jobs`` runs test datasets in parallel.
+``--n-jobs`` runs test datasets in parallel, ``--weighting`` fits only the meta-model,
+unweighted against weighted by each training dataset's number of repeats.
 """
 
 from __future__ import annotations
@@ -178,28 +179,11 @@ def repeat_weighting(
     if old is not None:
         before = leave_one_dataset_out(kb, {"m": model(False)}, test, n_jobs, train_on=old)
         results[f"meta-model fitted on {old_name}"] = before["m"]
-    plain = results["meta-model"]
-    lines = ["| method | after 1 | after 5 |", "|---|---|---|"]
-    for name, curves in results.items():
-        cells = []
-        for b in (1, 5):
-            col, ref = curves[:, b - 1], plain[:, b - 1]
-            lo, hi = _bootstrap_median_ci(col)
-            cell = f"{np.median(col):.3f} [{lo:.3f}, {hi:.3f}] ({np.mean(col):.3f})"
-            if name != "meta-model":
-                p = (
-                    stats.wilcoxon(col, ref, zero_method="zsplit").pvalue
-                    if np.any(col - ref)
-                    else 1.0
-                )
-                cell += f" p={p:.2g}"
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     repeats = kb.repeats()
     values, counts_of = np.unique(repeats, return_counts=True)
     counts = ", ".join(f"{n} with {r}" for r, n in zip(values, counts_of, strict=True))
-    return f"{len(kb.names)} training datasets by number of repeats: {counts}.\n\n" + "\n".join(
-        lines
+    return f"{len(kb.names)} training datasets by number of repeats: {counts}.\n\n" + table(
+        results, reference="meta-model", budgets=(1, 5)
     )
 
 
@@ -256,19 +240,24 @@ def _bootstrap_median_ci(x: np.ndarray, seed: int = 0, reps: int = 2000) -> tupl
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
-def table(results: dict[str, np.ndarray]) -> str:
-    """Markdown: median [95% CI] (mean) per method and budget, Wilcoxon p against static."""
-    static = results["static portfolio"]
-    head = "| method | " + " | ".join(f"after {b}" for b in BUDGETS) + " |"
-    lines = [head, "|---" * (len(BUDGETS) + 1) + "|"]
+def table(
+    results: dict[str, np.ndarray],
+    reference: str = "static portfolio",
+    budgets: Sequence[int] = BUDGETS,
+) -> str:
+    """Markdown: median [95% CI] (mean) per method and budget, Wilcoxon p against the method
+    ``reference`` (the static portfolio by default)."""
+    ref_curves = results[reference]
+    head = "| method | " + " | ".join(f"after {b}" for b in budgets) + " |"
+    lines = [head, "|---" * (len(budgets) + 1) + "|"]
     for name, curves in results.items():
         cells = []
-        for b in BUDGETS:
+        for b in budgets:
             col = curves[:, min(b, curves.shape[1]) - 1]
             lo, hi = _bootstrap_median_ci(col)
             cell = f"{np.median(col):.3f} [{lo:.3f}, {hi:.3f}] ({np.mean(col):.3f})"
-            if name != "static portfolio":
-                ref = static[:, min(b, curves.shape[1]) - 1]
+            if name != reference:
+                ref = ref_curves[:, min(b, curves.shape[1]) - 1]
                 diff = col - ref
                 p = (
                     stats.wilcoxon(col, ref, zero_method="zsplit").pvalue
@@ -488,8 +477,9 @@ def _weighting_only(
         body = (
             f"Leave-one-dataset-out as above, on {len(test)} held-out datasets, only the "
             f"meta-model: fitted unweighted, weighted by each training dataset's number of "
-            f"repeats (`MetaModel(weight_by_repeats=True)`), and unweighted on the older "
-            f"knowledge. Cells: median [bootstrap 95% CI] (mean) best normalised balanced "
+            f"repeats (`MetaModel(weight_by_repeats=True)`)"
+            + (", and unweighted on the older knowledge" if old is not None else "")
+            + f". Cells: median [bootstrap 95% CI] (mean) best normalised balanced "
             f"accuracy; p: two-sided Wilcoxon against the unweighted meta-model on the same "
             f"knowledge. {took:.0f} s. Run: `python -m benchmarks.automl_loo{options} "
             f"--weighting --record`.\n\n{md}\n"
