@@ -438,9 +438,7 @@ def main() -> None:
         plot(results, HERE / "automl_loo.png")
         info = kb.info
         source = args.knowledge.name if args.knowledge else "shipped"
-        options = f" --knowledge {args.knowledge}" if args.knowledge else ""
-        for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
-            options += f" {flag} {value}" if value is not None else ""
+        options = _run_options(args)
         body = (
             f"Leave-one-dataset-out (the test dataset's family left out of everything learned) "
             f"{held_out} ({len(set(kb.families))} families) of the "
@@ -471,9 +469,7 @@ def _weighting_only(
     if args.record:
         from benchmarks.common import append_section
 
-        options = f" --knowledge {args.knowledge}" if args.knowledge else ""
-        for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
-            options += f" {flag} {value}" if value is not None else ""
+        options = _run_options(args)
         body = (
             f"Leave-one-dataset-out as above, on {len(test)} held-out datasets, only the "
             f"meta-model: fitted unweighted, weighted by each training dataset's number of "
@@ -490,6 +486,14 @@ def _weighting_only(
             f"{len(test)} held out",
             body,
         )
+
+
+def _run_options(args: argparse.Namespace) -> str:
+    """The file options of this run, as a recorded section quotes them."""
+    options = f" --knowledge {args.knowledge}" if args.knowledge else ""
+    for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
+        options += f" {flag} {value}" if value is not None else ""
+    return options
 
 
 if __name__ == "__main__":
