@@ -16,6 +16,7 @@ from metaml.automl.corpus import (  # noqa: E402
     load_task,
     merge_copy_families,
     single_column_leak,
+    stratified_subsample,
     target_candidates,
 )
 from metaml.data.tabular import from_dataframe  # noqa: E402
@@ -98,3 +99,18 @@ def test_shipped_corpus_invariants() -> None:
         )
     with pytest.raises(UserError, match="did you mean"):
         find_task(tasks[0].name + "x", tasks)
+
+
+def test_stratified_subsample_is_the_builds_split_and_keeps_a_single_row_class() -> None:
+    from sklearn.model_selection import train_test_split
+
+    y = np.repeat(["a", "b", "c"], [50, 30, 20])
+    # The builds' subsample: sklearn's stratified split, unchanged, so old builds reproduce.
+    by_hand, _ = train_test_split(np.arange(100), train_size=20, stratify=y, random_state=4)
+    assert stratified_subsample(y, 20, seed=4).tolist() == sorted(by_hand.tolist())
+    # One row of "z" cannot be split in proportion: it is kept, the rest drawn at random.
+    y_rare = np.append(y, "z")
+    keep = stratified_subsample(y_rare, 20, seed=4)
+    assert len(keep) == len(set(keep.tolist())) == 20
+    assert keep.tolist() == sorted(keep.tolist())
+    assert set(y_rare[keep]) == {"a", "b", "c", "z"}

@@ -23,6 +23,7 @@ from metaml.automl.portfolio import default_configuration  # noqa: E402
 from metaml.automl.recommend import ActiveTesting  # noqa: E402
 from metaml.automl.search import (  # noqa: E402
     AdaptiveWarmStart,
+    dataset_metafeatures,
     load_model,
     recommend,
     save_model,
@@ -31,7 +32,7 @@ from metaml.automl.search import (  # noqa: E402
 )
 from metaml.data.tabular import from_dataframe  # noqa: E402
 from metaml.errors import UserError  # noqa: E402
-from metaml.taskrep.metafeatures import metafeature_names  # noqa: E402
+from metaml.taskrep.metafeatures import metafeature_names, metafeatures  # noqa: E402
 
 
 def _knowledge(best: str = "logreg") -> MetaKnowledge:
@@ -136,7 +137,6 @@ def test_adaptive_warm_start_proposes_from_the_scores_so_far() -> None:
 def test_estimator_with_the_adaptive_recommender(monkeypatch: pytest.MonkeyPatch) -> None:
     import metaml.automl.knowledge as knowledge
     from metaml.automl.search import fitted_recommender
-    from metaml.taskrep.metafeatures import metafeatures
 
     task = _toy_task(seed=5)
     X = task.X.assign(c=(task.X["c"] == "u").astype(float)).to_numpy()
@@ -188,3 +188,65 @@ def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     report = (tmp_path / "active" / "report.json").read_text()
     assert "active testing: meta-model first" in report
     assert "active testing: after 1 evaluation" in report
+
+
+def _with_max_rows(kb: MetaKnowledge, max_rows: int) -> MetaKnowledge:
+    return MetaKnowledge(
+        kb.names,
+        kb.families,
+        kb.metafeature_names,
+        kb.metafeatures,
+        kb.configurations,
+        kb.scores,
+        kb.fit_times,
+        {"max_rows": max_rows},
+    )
+
+
+def _large_imbalanced(n: int = 300) -> tuple[Any, np.ndarray]:
+    rng = np.random.default_rng(6)
+    frame = pd.DataFrame({"a": rng.normal(size=n), "c": rng.choice(["u", "v", "w"], size=n)})
+    return frame, np.where(np.arange(n) < n // 5, "rare", "common")
+
+
+def test_new_datasets_are_described_by_the_knowledge_s_row_budget() -> None:
+    from sklearn.model_selection import train_test_split
+
+    X, y = _large_imbalanced()
+    kb50 = _with_max_rows(KB, 50)
+    # By hand: the stratified 50-row subsample the builds score, described by metafeatures().
+    keep, _ = train_test_split(np.arange(300), train_size=50, stratify=y, random_state=3)
+    keep = np.sort(keep)
+    expected = metafeatures(X.iloc[keep], y[keep], random_state=3)
+    assert dataset_metafeatures(X, y, kb50, random_state=3) == expected
+    assert expected["nr_inst"] == 50.0
+    # Stratified: the classes keep their shares (1 in 5 "rare"), so their spread is the whole's.
+    whole = metafeatures(X, y, random_state=3)
+    assert expected["freq_class.sd"] == pytest.approx(whole["freq_class.sd"])
+    # Arrays are cut the same way; a dataset within the budget, or a knowledge without one,
+    # is described whole.
+    arr = np.random.default_rng(7).normal(size=(300, 2))
+    assert dataset_metafeatures(arr, y, kb50)["nr_inst"] == 50.0
+    assert dataset_metafeatures(arr[:40], y[:40], kb50)["nr_inst"] == 40.0
+    assert dataset_metafeatures(X, y, KB)["nr_inst"] == 300.0
+
+
+def test_recommend_and_fit_describe_the_subsample(monkeypatch: pytest.MonkeyPatch) -> None:
+    import metaml.taskrep.metafeatures as mf_module
+
+    seen: list[int] = []
+    real = mf_module.metafeatures
+
+    def recorded(X: Any, y: Any, **kwargs: Any) -> dict[str, float]:
+        seen.append(len(y))
+        return real(X, y, **kwargs)
+
+    monkeypatch.setattr(mf_module, "metafeatures", recorded)
+    X, y = _large_imbalanced()
+    kb50 = _with_max_rows(KB, 50)
+    recommend(X, y, knowledge=kb50, method="static", n=1)
+    warm_start(X, y, knowledge=kb50, method="static", n=1)
+    MetaLearnedClassifier(knowledge=kb50, method="static", n_evaluations=1).fit(
+        X[["a"]].to_numpy(), y
+    )
+    assert seen == [50, 50, 50]

@@ -155,7 +155,7 @@ def load_task(task: CorpusTask, max_rows: int | None = None, seed: int = 0) -> T
     loaded = load_rdataset(task.package, task.item, target=task.target, drop=task.drop)
     if max_rows is None or len(loaded.y) <= max_rows:
         return loaded
-    keep = _stratified_subsample(loaded.y, max_rows, seed)
+    keep = stratified_subsample(loaded.y, max_rows, seed)
     return TabularTask(
         X=loaded.X.iloc[keep].reset_index(drop=True),
         y=loaded.y[keep],
@@ -166,11 +166,32 @@ def load_task(task: CorpusTask, max_rows: int | None = None, seed: int = 0) -> T
     )
 
 
-def _stratified_subsample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+def stratified_subsample(y: Any, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``n`` of the rows labelled ``y``, keeping the class proportions.
+
+    The subsample the meta-knowledge builds describe and score; a class too rare to stratify
+    (one row) keeps one row, the others are drawn at random.
+
+    Example:
+        >>> y = np.repeat(["a", "b"], [30, 10])
+        >>> keep = stratified_subsample(y, 8)
+        >>> len(keep), int((y[keep] == "b").sum())
+        (8, 2)
+        >>> y_rare = np.array(["a"] * 30 + ["b"])
+        >>> "b" in y_rare[stratified_subsample(y_rare, 5)]
+        True
+    """
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(y))
-    keep, _ = train_test_split(idx, train_size=n, stratify=y, random_state=seed)
+    labels = np.asarray(y)
+    idx = np.arange(len(labels))
+    try:
+        keep, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
+    except ValueError:  # a class with a single row cannot be split in proportion
+        firsts = np.unique(labels, return_index=True)[1]
+        rest = np.setdiff1d(idx, firsts)
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate([firsts, rng.choice(rest, max(n - len(firsts), 0), replace=False)])
     return np.sort(keep)
 
 
@@ -318,7 +339,7 @@ def forest_balanced_accuracy(task: TabularTask, seed: int = 0, max_rows: int = 1
 
     X, y = task.X, task.y
     if len(y) > max_rows:
-        keep = _stratified_subsample(y, max_rows, seed)
+        keep = stratified_subsample(y, max_rows, seed)
         X, y = X.iloc[keep], y[keep]
     model = Pipeline(
         [

@@ -82,9 +82,8 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         from metaml.automl.knowledge import cross_validate
         from metaml.automl.portfolio import make_pipeline
         from metaml.automl.recommend import Recommendation, evaluate_in_order
-        from metaml.automl.search import fitted_recommender
+        from metaml.automl.search import dataset_metafeatures, fitted_recommender
         from metaml.data.tabular import TabularTask
-        from metaml.taskrep.metafeatures import metafeatures
 
         if not isinstance(self.n_evaluations, int) or self.n_evaluations < 1:
             raise ValueError(f"n_evaluations must be a positive int, got {self.n_evaluations!r}")
@@ -96,8 +95,8 @@ class MetaLearnedClassifier(ClassifierMixin, BaseEstimator):
         frame = self._frame(X)
         seed = 0 if self.random_state is None else int(self.random_state)
         with threadpool_limits(1):
-            mf = metafeatures(X, y, random_state=seed)
             recommender = fitted_recommender(self.knowledge, self.method)
+            mf = dataset_metafeatures(X, y, recommender.kb_, seed)
             smallest = int(np.unique(y, return_counts=True)[1].min())
             self.evaluated_: dict[str, float] = {}
             if self.n_evaluations > 1 and smallest >= 2 and len(self.classes_) > 1:

@@ -77,6 +77,36 @@ def fitted_recommender(
     return _FITTED[key]
 
 
+def dataset_metafeatures(
+    X: Any, y: Any, knowledge: MetaKnowledge, random_state: int = 0
+) -> dict[str, float]:
+    """Meta-features of ``(X, y)`` computed as ``knowledge``'s were: on a stratified subsample
+    of at most its ``max_rows`` rows.
+
+    The knowledge describes each training dataset by such a subsample, so a larger new
+    dataset described whole would sit outside the range the recommenders learned (its row
+    count, for one); its landmarks would also cost more.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> X, y = rng.normal(size=(600, 3)), np.repeat([0, 1], 300)
+        >>> kb = MetaKnowledge.load()
+        >>> kb.info["max_rows"], dataset_metafeatures(X, y, kb)["nr_inst"]
+        (200, 200.0)
+    """
+    from metaml.automl.corpus import stratified_subsample
+    from metaml.taskrep.metafeatures import metafeatures
+
+    max_rows = knowledge.info.get("max_rows")
+    labels = np.asarray(y)
+    if isinstance(max_rows, int) and len(labels) > max_rows:
+        keep = stratified_subsample(labels, max_rows, random_state)
+        X = X.iloc[keep] if hasattr(X, "iloc") else np.asarray(X)[keep]
+        labels = labels[keep]
+    return metafeatures(X, labels, random_state=random_state)
+
+
 def recommend(
     X: Any,
     y: Any,
@@ -94,10 +124,8 @@ def recommend(
         >>> recommend(X, y, method="static", n=2)[0].source
         'static portfolio'
     """
-    from metaml.taskrep.metafeatures import metafeatures
-
-    mf = metafeatures(X, y, random_state=random_state)
-    return fitted_recommender(knowledge, method).rank(mf, n)
+    rec = fitted_recommender(knowledge, method)
+    return rec.rank(dataset_metafeatures(X, y, rec.kb_, random_state), n)
 
 
 @dataclass
@@ -134,10 +162,8 @@ def warm_start(
         >>> type(warm_start(X, y, method="active")).__name__
         'AdaptiveWarmStart'
     """
-    from metaml.taskrep.metafeatures import metafeatures
-
     rec = fitted_recommender(knowledge, method)
-    mf = metafeatures(X, y, random_state=random_state)
+    mf = dataset_metafeatures(X, y, rec.kb_, random_state)
     return AdaptiveWarmStart(rec, mf, n) if rec.adaptive else rec.rank(mf, n)
 
 
