@@ -244,9 +244,11 @@ def test_recommend_and_fit_describe_the_subsample(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(mf_module, "metafeatures", recorded)
     X, y = _large_imbalanced()
     kb50 = _with_max_rows(KB, 50)
+    # KB first: a twin with the same scores but no row budget must not share its fit.
+    recommend(X, y, knowledge=KB, method="static", n=1)
     recommend(X, y, knowledge=kb50, method="static", n=1)
     warm_start(X, y, knowledge=kb50, method="static", n=1)
     MetaLearnedClassifier(knowledge=kb50, method="static", n_evaluations=1).fit(
         X[["a"]].to_numpy(), y
     )
-    assert seen == [50, 50, 50]
+    assert seen == [300, 50, 50, 50]

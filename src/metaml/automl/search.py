@@ -52,7 +52,9 @@ def _content_key(kb: MetaKnowledge) -> str:
     h = hashlib.sha256()
     for arr in (kb.metafeatures, kb.scores):
         h.update(np.ascontiguousarray(arr, dtype=float).tobytes())
-    h.update(json.dumps([kb.names, [c.key for c in kb.configurations]]).encode())
+    # info too: its max_rows decides how a new dataset is described (dataset_metafeatures).
+    info = json.dumps(kb.info, sort_keys=True, default=str)
+    h.update(json.dumps([kb.names, [c.key for c in kb.configurations], info]).encode())
     return h.hexdigest()
 
 
