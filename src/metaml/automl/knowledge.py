@@ -68,7 +68,9 @@ FORMAT = "metaml-knowledge-1"
 # v4: v2 (split seed 0) and its three repeats on other folds and rows (split seeds 1-3)
 # averaged, each score the mean of 4 x 3 folds. v1 (32 x 40), v2 and the repeats stay in the
 # package for comparison and so that v4 can be checked against them (v3, the mean of the first
-# three, is `metaml automl merge` of v2, split1 and split2).
+# three, is `metaml automl merge` of v2, split1 and split2). v5 and v6 add 235 tasks (one and
+# two repeats); v7 is v4's tasks and candidates scored on at most 1,000 rows instead of 200
+# (split seeds 0-2, averaged; the repeats ship as knowledge_v7_split0-2).
 KNOWLEDGE_FILE = "knowledge_v4.json.gz"
 STUDY_PREFIX = "metaml-kb/"
 
