@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,19 +191,6 @@ def test_cli_recommend_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "active testing: after 1 evaluation" in report
 
 
-def _with_max_rows(kb: MetaKnowledge, max_rows: int) -> MetaKnowledge:
-    return MetaKnowledge(
-        kb.names,
-        kb.families,
-        kb.metafeature_names,
-        kb.metafeatures,
-        kb.configurations,
-        kb.scores,
-        kb.fit_times,
-        {"max_rows": max_rows},
-    )
-
-
 def _large_imbalanced(n: int = 300) -> tuple[Any, np.ndarray]:
     rng = np.random.default_rng(6)
     frame = pd.DataFrame({"a": rng.normal(size=n), "c": rng.choice(["u", "v", "w"], size=n)})
@@ -213,7 +201,7 @@ def test_new_datasets_are_described_by_the_knowledge_s_row_budget() -> None:
     from sklearn.model_selection import train_test_split
 
     X, y = _large_imbalanced()
-    kb50 = _with_max_rows(KB, 50)
+    kb50 = replace(KB, info={"max_rows": 50})
     # By hand: the stratified 50-row subsample the builds score, described by metafeatures().
     keep, _ = train_test_split(np.arange(300), train_size=50, stratify=y, random_state=3)
     keep = np.sort(keep)
@@ -243,7 +231,7 @@ def test_recommend_and_fit_describe_the_subsample(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(mf_module, "metafeatures", recorded)
     X, y = _large_imbalanced()
-    kb50 = _with_max_rows(KB, 50)
+    kb50 = replace(KB, info={"max_rows": 50})
     # KB first: a twin with the same scores but no row budget must not share its fit.
     recommend(X, y, knowledge=KB, method="static", n=1)
     recommend(X, y, knowledge=kb50, method="static", n=1)
