@@ -28,6 +28,10 @@ knowledge file (everything else still trains), ``--compare-with OLD`` adds each 
 fitted on ``OLD`` (on the datasets new since, or with ``--test-on`` on the held-out ones),
 ``--n-jobs`` runs test datasets in parallel, ``--weighting`` fits only the meta-model,
 unweighted against weighted by each training dataset's number of repeats.
+``--judge-repeats R1 R2 ...`` (independent builds of the same datasets with other
+``--split-seed``) judges each search on measurements it did not choose by: it reads one
+repeat's scores, returns the best configuration it saw, and that one is scored by the other
+repeats' mean (``metaml.automl.evaluation.judged_so_far``).
 """
 
 from __future__ import annotations
@@ -68,9 +72,11 @@ def evaluate(
     trees: int = 100,
     test: Sequence[int] | None = None,
     n_jobs: int = 1,
+    repeats: Sequence[MetaKnowledge] | None = None,
 ) -> dict[str, np.ndarray]:
     """``{method: (test datasets, candidates)}`` best-so-far normalised scores (``test``:
-    the datasets held out in turn, default all)."""
+    the datasets held out in turn, default all; ``repeats``: judge on held-out repeats,
+    :func:`metaml.automl.evaluation.judged_so_far`)."""
     learned = recommenders(seed, trees)
     methods: dict[str, Callable[[int], list[Recommender]]] = {
         name: _one(make) for name, make in learned.items() if name != "static portfolio"
@@ -83,7 +89,7 @@ def evaluate(
             NearestDatasets(k=10, shuffle_seed=1000 * i + s) for s in range(10)
         ],
     }
-    return leave_one_dataset_out(kb, methods, test, n_jobs)
+    return leave_one_dataset_out(kb, methods, test, n_jobs, repeats=repeats)
 
 
 def recommenders(seed: int = 0, trees: int = 100) -> dict[str, Callable[[], Recommender]]:
@@ -389,7 +395,17 @@ def main() -> None:
         help="Only the meta-model, unweighted against weighted by repeats (and fitted on "
         "--compare-with).",
     )
+    parser.add_argument(
+        "--judge-repeats",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="Independent repeats of the knowledge (builds with other --split-seed): each "
+        "search reads one repeat's scores and is judged on the others' mean.",
+    )
     args = parser.parse_args()
+    if args.judge_repeats and (args.compare_with or args.weighting or args.retest):
+        parser.error("--judge-repeats goes with the plain leave-one-dataset-out run only")
     kb = MetaKnowledge.load(args.knowledge)
     if args.retest is not None:
         print(retest(kb, MetaKnowledge.load(args.retest)))
@@ -399,7 +415,10 @@ def main() -> None:
     if args.weighting:
         _weighting_only(args, kb, test, start)
         return
-    results = evaluate(kb, test=test, n_jobs=args.n_jobs)
+    repeats = (
+        None if args.judge_repeats is None else [MetaKnowledge.load(r) for r in args.judge_repeats]
+    )
+    results = evaluate(kb, test=test, n_jobs=args.n_jobs, repeats=repeats)
     if args.curves is not None:
         np.savez(
             args.curves,
@@ -409,7 +428,9 @@ def main() -> None:
         )
     md = table(results)
     n, c = kb.scores.shape
-    summary = _summary(results, c) + "\n\n" + regret_summary(kb.subset(test), results)
+    summary = _summary(results, c)
+    if repeats is None:  # judged on repeats, each seen repeat normalises by another span
+        summary += "\n\n" + regret_summary(kb.subset(test), results)
     if args.compare_with is not None:
         old = MetaKnowledge.load(args.compare_with)
         on = "new" if args.test_on is None else "test"
@@ -451,7 +472,17 @@ def main() -> None:
             f"--record`."
             f"\n\n{md}\n\n{summary}\n"
         )
+        if repeats is not None:
+            body = (
+                f"Judged on held-out repeats: each search reads the scores of one of the "
+                f"{len(repeats)} repeats, returns the best configuration it saw, and is scored "
+                f"by the other repeats' mean, normalised (0 = worst, 1 = best candidate by that "
+                f"mean); the curves average over the repeat seen. Raw regret is not reported "
+                f"(each judge has its own span). " + body
+            )
         title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
+        if repeats is not None:
+            title += ", judged on held-out repeats"
         if args.test_on is not None:
             title += f", {len(test)} held out"
         append_section(title, body)
@@ -493,6 +524,8 @@ def _run_options(args: argparse.Namespace) -> str:
     options = f" --knowledge {args.knowledge}" if args.knowledge else ""
     for flag, value in (("--test-on", args.test_on), ("--compare-with", args.compare_with)):
         options += f" {flag} {value}" if value is not None else ""
+    if args.judge_repeats:
+        options += " --judge-repeats " + " ".join(str(r) for r in args.judge_repeats)
     return options
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from metaml import runs
 from metaml.cli import main
 from metaml.config import load_config
+
+if TYPE_CHECKING:
+    from metaml.automl.knowledge import MetaKnowledge
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -55,3 +59,21 @@ def train_synthetic(root: Path, overrides: list[str]) -> Path:
         ],
     )
     return runs.train(cfg, root / "run", quiet=True)
+
+
+def four_kinds_knowledge(seed: int = 0) -> MetaKnowledge:
+    """Four hidden kinds (14, 12, 10, 8 datasets; meta-features are noise): kind k's best is
+    candidate 2 + k, and the three probes 0, 1, 6 are ordered differently on each kind."""
+    from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+
+    cands = candidate_configurations(8)
+    rng = np.random.default_rng(seed)
+    kind = np.repeat(np.arange(4), [14, 12, 10, 8])
+    probes = {0: (0.8, 0.75, 0.7), 1: (0.75, 0.8, 0.7), 2: (0.75, 0.7, 0.8), 3: (0.7, 0.75, 0.8)}
+    scores = 0.6 + 0.05 * rng.random((len(kind), 8))
+    for i, k in enumerate(kind):
+        scores[i, [0, 1, 6]] = probes[k]
+        scores[i, 2 + k] = 0.9
+    names = [f"d{i}" for i in range(len(kind))]
+    mf = rng.normal(size=(len(kind), 2))
+    return MetaKnowledge(names, names, ["f0", "f1"], mf, cands, scores, np.zeros_like(scores), {})

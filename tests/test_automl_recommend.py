@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import four_kinds_knowledge
 
 from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
 from metaml.automl.recommend import (
@@ -317,23 +318,8 @@ def test_active_testing_without_adapting_is_the_static_portfolio() -> None:
         ActiveTesting(beta=-1.0)
 
 
-def _four_kinds_kb(seed: int = 0) -> MetaKnowledge:
-    """Four hidden kinds (14, 12, 10, 8 datasets; meta-features are noise): kind k's best is
-    candidate 2 + k, and the three probes 0, 1, 6 are ordered differently on each kind."""
-    rng = np.random.default_rng(seed)
-    kind = np.repeat(np.arange(4), [14, 12, 10, 8])
-    probes = {0: (0.8, 0.75, 0.7), 1: (0.75, 0.8, 0.7), 2: (0.75, 0.7, 0.8), 3: (0.7, 0.75, 0.8)}
-    scores = 0.6 + 0.05 * rng.random((len(kind), 8))
-    for i, k in enumerate(kind):
-        scores[i, [0, 1, 6]] = probes[k]
-        scores[i, 2 + k] = 0.9
-    names = [f"d{i}" for i in range(len(kind))]
-    mf = rng.normal(size=(len(kind), 2))
-    return MetaKnowledge(names, names, ["f0", "f1"], mf, CANDS, scores, np.zeros_like(scores), {})
-
-
 def test_evaluate_in_order_feeds_back_the_scores() -> None:
-    kb = _four_kinds_kb()
+    kb = four_kinds_knowledge()
     new_kind_2 = {CANDS[0]: 0.75, CANDS[1]: 0.7, CANDS[6]: 0.8, CANDS[4]: 0.9}
     calls: list[object] = []
 
@@ -364,7 +350,7 @@ def test_evaluate_in_order_feeds_back_the_scores() -> None:
 def test_active_testing_adapts_where_the_static_portfolio_cannot() -> None:
     from metaml.automl.evaluation import leave_one_dataset_out
 
-    kb = _four_kinds_kb()
+    kb = four_kinds_knowledge()
     rec = ActiveTesting().fit(kb)  # beta None: chosen by inner CV on these datasets
     inner = InnerCV(lambda b: ActiveTesting(beta=b), rec.grid).fit(kb)
     assert rec.beta_ == inner.chosen_ and rec.beta_ > 0  # adapting wins the inner CV

@@ -221,10 +221,13 @@ def evaluate_in_order(
         yield nxt, score
 
 
-def evaluation_order(rec: Recommender, kb: MetaKnowledge, i: int, budget: int) -> list[int]:
+def evaluation_order(
+    rec: Recommender, kb: MetaKnowledge, i: int, budget: int, scores: np.ndarray | None = None
+) -> list[int]:
     """The candidates (column indices) the fitted ``rec`` would evaluate on dataset ``i`` of
     ``kb``, in order, with the stored scores as the evaluations (a missing score reads as 0,
-    below every real one).
+    below every real one); ``scores`` (one per candidate) replaces dataset ``i``'s stored row,
+    e.g. by one repeat's measurement of it.
 
     Example:
         >>> import numpy as np
@@ -236,9 +239,10 @@ def evaluation_order(rec: Recommender, kb: MetaKnowledge, i: int, budget: int) -
         [7, 0, 1]
     """
     index = {c.key: j for j, c in enumerate(kb.configurations)}
+    row = kb.scores[i] if scores is None else scores
 
     def stored(rec: Recommendation) -> float:
-        return float(np.nan_to_num(kb.scores[i, index[rec.config.key]], nan=0.0))
+        return float(np.nan_to_num(row[index[rec.config.key]], nan=0.0))
 
     return [
         index[r.config.key] for r, _ in evaluate_in_order(rec, kb.metafeatures[i], stored, budget)
