@@ -276,7 +276,11 @@ def table(
     return "\n".join(lines)
 
 
-def plot(results: dict[str, np.ndarray], path: Path) -> None:
+def plot(
+    results: dict[str, np.ndarray],
+    path: Path,
+    ylabel: str = "best normalised balanced accuracy (median)",
+) -> None:
     """Median best-so-far normalised score against evaluations, with bootstrap CIs."""
     import matplotlib
 
@@ -293,7 +297,7 @@ def plot(results: dict[str, np.ndarray], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
     ax.set_xlabel("configurations evaluated")
-    ax.set_ylabel("best normalised balanced accuracy (median)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Leave-one-dataset-out, {curves.shape[0]} datasets")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -454,38 +458,62 @@ def main() -> None:
         f"out; {time.perf_counter() - start:.0f} s"
     )
     if args.record:
-        from benchmarks.common import append_section
-
-        plot(results, HERE / "automl_loo.png")
-        info = kb.info
-        source = args.knowledge.name if args.knowledge else "shipped"
-        options = _run_options(args)
-        body = (
-            f"Leave-one-dataset-out (the test dataset's family left out of everything learned) "
-            f"{held_out} ({len(set(kb.families))} families) of the "
-            f"meta-knowledge `{source}`: {c} candidate configurations (8 defaults + random), "
-            f"{info.get('folds')}-fold balanced accuracy on at most {info.get('max_rows')} rows. "
-            f"Cells: median [bootstrap 95% CI] (mean) over datasets of the best normalised "
-            f"balanced accuracy (0 = worst candidate on that dataset, 1 = best) after b "
-            f"evaluations; p: two-sided Wilcoxon signed-rank test against the static portfolio. "
-            f"Plot: `benchmarks/automl_loo.png`. Run: `python -m benchmarks.automl_loo{options} "
-            f"--record`."
-            f"\n\n{md}\n\n{summary}\n"
+        _record(
+            args,
+            kb,
+            results,
+            f"{held_out} ({len(set(kb.families))} families)",
+            md + "\n\n" + summary,
+            len(test),
+            repeats is not None,
         )
-        if repeats is not None:
-            body = (
-                f"Judged on held-out repeats: each search reads the scores of one of the "
-                f"{len(repeats)} repeats, returns the best configuration it saw, and is scored "
-                f"by the other repeats' mean, normalised (0 = worst, 1 = best candidate by that "
-                f"mean); the curves average over the repeat seen. Raw regret is not reported "
-                f"(each judge has its own span). " + body
-            )
-        title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
-        if repeats is not None:
-            title += ", judged on held-out repeats"
-        if args.test_on is not None:
-            title += f", {len(test)} held out"
-        append_section(title, body)
+
+
+def _record(
+    args: argparse.Namespace,
+    kb: MetaKnowledge,
+    results: dict[str, np.ndarray],
+    held_out: str,
+    tables: str,
+    n_test: int,
+    judged: bool,
+) -> None:
+    """Append the run's section to RESULTS.md and write its plot."""
+    from benchmarks.common import append_section
+
+    png = "automl_loo_judged.png" if judged else "automl_loo.png"
+    measure = (
+        "the judged score of the configuration the search returns"
+        if judged
+        else "the best normalised balanced accuracy"
+    )
+    plot(results, HERE / png, ylabel=f"{measure} (median)")
+    info = kb.info
+    source = args.knowledge.name if args.knowledge else "shipped"
+    n, c = kb.scores.shape
+    body = (
+        f"Leave-one-dataset-out (the test dataset's family left out of everything learned) "
+        f"{held_out} of the meta-knowledge `{source}`: {c} candidate configurations (8 defaults "
+        f"+ random), {info.get('folds')}-fold balanced accuracy on at most "
+        f"{info.get('max_rows')} rows. Cells: median [bootstrap 95% CI] (mean) over datasets of "
+        f"{measure} (0 = worst candidate on that dataset, 1 = best) after b evaluations; p: "
+        f"two-sided Wilcoxon signed-rank test against the static portfolio. Plot: "
+        f"`benchmarks/{png}`. Run: `python -m benchmarks.automl_loo{_run_options(args)} "
+        f"--record`.\n\n{tables}\n"
+    )
+    title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
+    if judged:
+        body = (
+            f"Judged on held-out repeats: each search reads the scores of one of the "
+            f"{len(args.judge_repeats)} repeats, returns the best configuration it saw, and is "
+            f"scored by the other repeats' mean, normalised (0 = worst, 1 = best candidate by "
+            f"that mean); the curves average over the repeat seen. Raw regret is not reported "
+            f"(each judge has its own span). " + body
+        )
+        title += f" ({source}), judged on held-out repeats"
+    if args.test_on is not None:
+        title += f", {n_test} held out"
+    append_section(title, body)
 
 
 def _weighting_only(

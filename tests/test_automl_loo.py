@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -119,3 +123,32 @@ def test_repeat_weighting_compares_the_meta_model_weighted_and_not() -> None:
         model.fit(kb.subset([j for j in range(8) if j != i]))
         firsts.append(norm[i, evaluation_order(model, kb, i, 1)[0]])
     assert rows[1].split(" | ")[1].startswith(f"{np.median(firsts):.3f} [")
+
+
+def test_main_judged_on_repeats_records_its_own_section_and_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.common
+
+    kb = _kb(5)
+    kb.save(tmp_path / "kb.json.gz")
+    repeats = []
+    for seed in (1, 2):
+        noise = np.random.default_rng(seed).normal(0, 0.02, kb.scores.shape)
+        repeats.append(tmp_path / f"r{seed}.json.gz")
+        dataclasses.replace(kb, scores=kb.scores + noise).save(repeats[-1])
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(benchmarks.common, "RESULTS", results)
+    monkeypatch.setattr(automl_loo, "HERE", tmp_path)
+    argv = ["automl_loo", "--knowledge", str(tmp_path / "kb.json.gz"), "--record"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--judge-repeats", *map(str, repeats)])
+    automl_loo.main()
+    text = results.read_text()
+    assert "(kb.json.gz), judged on held-out repeats" in text
+    assert "returns the best configuration it saw" in text
+    assert f"--judge-repeats {repeats[0]} {repeats[1]} --record`" in text
+    assert (tmp_path / "automl_loo_judged.png").exists()
+    assert not (tmp_path / "automl_loo.png").exists()  # the plain run's plot is left alone
+    monkeypatch.setattr(sys, "argv", [*argv, "--judge-repeats", str(repeats[0]), "--weighting"])
+    with pytest.raises(SystemExit):
+        automl_loo.main()
