@@ -327,7 +327,8 @@ def _summary(results: dict[str, np.ndarray], candidates: int) -> str:
             f"- {name}: first recommendation median {np.median(curves[:, 0]):.3f} "
             f"(target >= 0.9); after 5 vs random search after 25: median "
             f"{np.median(warm5):.3f} vs {np.median(rand25):.3f}, mean {np.mean(warm5):.3f} vs "
-            f"{np.mean(rand25):.3f}, Wilcoxon p={p:.2g}."
+            f"{np.mean(rand25):.3f}, higher on {int((warm5 > rand25).sum())} datasets and lower "
+            f"on {int((warm5 < rand25).sum())}, Wilcoxon p={p:.2g}."
         )
     return "\n".join(lines)
 
@@ -487,7 +488,8 @@ def _record(
         if judged
         else "the best normalised balanced accuracy"
     )
-    plot(results, HERE / png, ylabel=f"{measure} (median)")
+    ylabel = "judged score of the returned configuration" if judged else "best normalised score"
+    plot(results, HERE / png, ylabel=f"{ylabel} (median)")
     info = kb.info
     source = args.knowledge.name if args.knowledge else "shipped"
     n, c = kb.scores.shape
