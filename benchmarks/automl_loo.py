@@ -512,7 +512,7 @@ def _record(
             f"that mean); the curves average over the repeat seen. Raw regret is not reported "
             f"(each judge has its own span). " + body
         )
-        title += f" ({source}), judged on held-out repeats"
+        title += f" ({source}), judged on held-out repeats ({len(args.judge_repeats)} in all)"
     if args.test_on is not None:
         title += f", {n_test} held out"
     append_section(title, body)

@@ -144,7 +144,7 @@ def test_main_judged_on_repeats_records_its_own_section_and_plot(
     monkeypatch.setattr(sys, "argv", [*argv, "--judge-repeats", *map(str, repeats)])
     automl_loo.main()
     text = results.read_text()
-    assert "(kb.json.gz), judged on held-out repeats" in text
+    assert "(kb.json.gz), judged on held-out repeats (2 in all)" in text
     assert "returns the best configuration it saw" in text
     assert f"--judge-repeats {repeats[0]} {repeats[1]} --record`" in text
     assert (tmp_path / "automl_loo_judged.png").exists()
