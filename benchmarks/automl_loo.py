@@ -466,7 +466,7 @@ def main() -> None:
             f"{held_out} ({len(set(kb.families))} families)",
             md + "\n\n" + summary,
             len(test),
-            repeats is not None,
+            repeats,
         )
 
 
@@ -477,9 +477,10 @@ def _record(
     held_out: str,
     tables: str,
     n_test: int,
-    judged: bool,
+    repeats: Sequence[MetaKnowledge] | None,
 ) -> None:
     """Append the run's section to RESULTS.md and write its plot."""
+    judged = repeats is not None
     from benchmarks.common import append_section
 
     png = "automl_loo_judged.png" if judged else "automl_loo.png"
@@ -504,13 +505,20 @@ def _record(
         f"--record`.\n\n{tables}\n"
     )
     title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
-    if judged:
+    if repeats is not None:
+        judge_rows = {r.info.get("max_rows") for r in repeats}
+        other_rows = (
+            f" The repeats score on at most {', '.join(map(str, sorted(judge_rows)))} rows; the "
+            f"knowledge that trains, on {info.get('max_rows')}."
+            if judge_rows != {info.get("max_rows")}
+            else ""
+        )
         body = (
             f"Judged on held-out repeats: each search reads the scores of one of the "
-            f"{len(args.judge_repeats)} repeats, returns the best configuration it saw, and is "
-            f"scored by the other repeats' mean, normalised (0 = worst, 1 = best candidate by "
-            f"that mean); the curves average over the repeat seen. Raw regret is not reported "
-            f"(each judge has its own span). " + body
+            f"{len(repeats)} repeats, returns the best configuration it saw, and is scored by "
+            f"the other repeats' mean, normalised (0 = worst, 1 = best candidate by that mean); "
+            f"the curves average over the repeat seen. Raw regret is not reported (each judge "
+            f"has its own span).{other_rows} " + body
         )
         title += f" ({source}), judged on held-out repeats ({len(args.judge_repeats)} in all)"
     if args.test_on is not None:

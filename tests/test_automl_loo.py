@@ -130,13 +130,14 @@ def test_main_judged_on_repeats_records_its_own_section_and_plot(
 ) -> None:
     import benchmarks.common
 
-    kb = _kb(5)
+    kb = dataclasses.replace(_kb(5), info={"max_rows": 200})
     kb.save(tmp_path / "kb.json.gz")
     repeats = []
     for seed in (1, 2):
         noise = np.random.default_rng(seed).normal(0, 0.02, kb.scores.shape)
         repeats.append(tmp_path / f"r{seed}.json.gz")
-        dataclasses.replace(kb, scores=kb.scores + noise).save(repeats[-1])
+        repeat = dataclasses.replace(kb, scores=kb.scores + noise, info={"max_rows": 1000})
+        repeat.save(repeats[-1])
     results = tmp_path / "RESULTS.md"
     monkeypatch.setattr(benchmarks.common, "RESULTS", results)
     monkeypatch.setattr(automl_loo, "HERE", tmp_path)
@@ -146,6 +147,7 @@ def test_main_judged_on_repeats_records_its_own_section_and_plot(
     text = results.read_text()
     assert "(kb.json.gz), judged on held-out repeats (2 in all)" in text
     assert "returns the best configuration it saw" in text
+    assert "The repeats score on at most 1000 rows; the knowledge that trains, on 200." in text
     assert f"--judge-repeats {repeats[0]} {repeats[1]} --record`" in text
     assert (tmp_path / "automl_loo_judged.png").exists()
     assert not (tmp_path / "automl_loo.png").exists()  # the plain run's plot is left alone
