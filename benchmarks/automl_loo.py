@@ -520,7 +520,9 @@ def _record(
             f"the curves average over the repeat seen. Raw regret is not reported (each judge "
             f"has its own span).{other_rows} " + body
         )
-        title += f" ({source}), judged on held-out repeats ({len(args.judge_repeats)} in all)"
+        title += f" ({source}), judged on held-out repeats ({len(repeats)} in all)"
+        if other_rows:
+            title += f" of at most {', '.join(map(str, sorted(judge_rows)))} rows"
     if args.test_on is not None:
         title += f", {n_test} held out"
     append_section(title, body)

@@ -145,7 +145,7 @@ def test_main_judged_on_repeats_records_its_own_section_and_plot(
     monkeypatch.setattr(sys, "argv", [*argv, "--judge-repeats", *map(str, repeats)])
     automl_loo.main()
     text = results.read_text()
-    assert "(kb.json.gz), judged on held-out repeats (2 in all)" in text
+    assert "(kb.json.gz), judged on held-out repeats (2 in all) of at most 1000 rows" in text
     assert "returns the best configuration it saw" in text
     assert "The repeats score on at most 1000 rows; the knowledge that trains, on 200." in text
     assert f"--judge-repeats {repeats[0]} {repeats[1]} --record`" in text
