@@ -37,3 +37,10 @@ def test_config_trains_and_evaluates(path: Path, tmp_path: Path, omniglot_root: 
         if result.metric == "accuracy"
         else result.mean >= 0
     )
+
+
+def test_the_demo_pins_the_execution_mode_so_its_figures_reproduce() -> None:
+    from metaml.demo import demo_configs
+
+    maml = [c for c in demo_configs(60, "cpu") if c.algorithm.name == "maml"]
+    assert [getattr(c.algorithm, "vectorize", None) for c in maml] == ["loop"]
