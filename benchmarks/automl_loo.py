@@ -480,8 +480,9 @@ def _record(
     repeats: Sequence[MetaKnowledge] | None,
 ) -> None:
     """Append the run's section to RESULTS.md and write its plot."""
-    judged = repeats is not None
     from benchmarks.common import append_section
+
+    judged = repeats is not None
 
     png = "automl_loo_judged.png" if judged else "automl_loo.png"
     measure = (
@@ -507,9 +508,10 @@ def _record(
     title = f"AutoML warm start, leave-one-dataset-out, {n} datasets x {c} configurations"
     if repeats is not None:
         judge_rows = {r.info.get("max_rows") for r in repeats}
+        rows_text = ", ".join(sorted(map(str, judge_rows)))
         other_rows = (
-            f" The repeats score on at most {', '.join(map(str, sorted(judge_rows)))} rows; the "
-            f"knowledge that trains, on {info.get('max_rows')}."
+            f" The repeats score on at most {rows_text} rows; the knowledge that trains, on "
+            f"{info.get('max_rows')}."
             if judge_rows != {info.get("max_rows")}
             else ""
         )
@@ -522,7 +524,7 @@ def _record(
         )
         title += f" ({source}), judged on held-out repeats ({len(repeats)} in all)"
         if other_rows:
-            title += f" of at most {', '.join(map(str, sorted(judge_rows)))} rows"
+            title += f" of at most {rows_text} rows"
     if args.test_on is not None:
         title += f", {n_test} held out"
     append_section(title, body)

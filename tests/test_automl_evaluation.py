@@ -9,7 +9,7 @@ import pytest
 from helpers import four_kinds_knowledge
 
 from metaml.automl.evaluation import aligned_repeats, judged_so_far, leave_one_dataset_out
-from metaml.automl.knowledge import MetaKnowledge, candidate_configurations
+from metaml.automl.knowledge import MetaKnowledge
 from metaml.automl.recommend import (
     ActiveTesting,
     RandomOrder,
@@ -18,23 +18,6 @@ from metaml.automl.recommend import (
     normalised_scores,
 )
 
-CANDS = candidate_configurations(8)
-
-
-def _kb(seed: int = 0, n: int = 12) -> MetaKnowledge:
-    """Two hidden kinds whose probes 0 and 1 are ordered differently (so active testing adapts),
-    meta-features are noise."""
-    rng = np.random.default_rng(seed)
-    scores = 0.6 + 0.1 * rng.random((n, 8))
-    kind = np.arange(n) % 2
-    scores[:, 0] = np.where(kind == 0, 0.8, 0.75)
-    scores[:, 1] = np.where(kind == 0, 0.75, 0.8)
-    scores[np.arange(n), 2 + kind] = 0.9
-    names = [f"d{i}" for i in range(n)]
-    return MetaKnowledge(
-        names, names, ["f"], rng.normal(size=(n, 1)), CANDS, scores, np.zeros((n, 8)), {}
-    )
-
 
 def _repeat(kb: MetaKnowledge, seed: int, noise: float = 0.03) -> MetaKnowledge:
     rng = np.random.default_rng(seed)
@@ -42,8 +25,8 @@ def _repeat(kb: MetaKnowledge, seed: int, noise: float = 0.03) -> MetaKnowledge:
 
 
 def test_judged_so_far_returns_the_best_seen_and_scores_it_by_the_judge() -> None:
-    kb = _kb()
-    rec = StaticPortfolio().fit(kb.subset(range(1, 12)))
+    kb = four_kinds_knowledge()
+    rec = StaticPortfolio().fit(kb.subset(range(1, len(kb.names))))
     order = evaluation_order(rec, kb, 0, 8)
     seen = np.array([0.5, 0.9, 0.7, np.nan, 0.9, 0.6, 0.8, 0.4])
     judge = np.linspace(0.0, 1.0, 8)[::-1]  # candidate j judged 1 - j/7
@@ -69,7 +52,7 @@ def test_adaptive_search_reads_the_seen_scores_not_the_stored_row() -> None:
 
 def test_identical_repeats_reproduce_the_best_so_far() -> None:
     # The judge is the seen scores themselves: the best seen is the best normalised score.
-    kb = _kb()
+    kb = four_kinds_knowledge()
     methods = {
         "static": lambda i: [StaticPortfolio()],
         "active": lambda i: [ActiveTesting(beta=10.0)],
@@ -82,12 +65,12 @@ def test_identical_repeats_reproduce_the_best_so_far() -> None:
 
 
 def test_each_repeat_is_seen_in_turn_and_judged_by_the_others_mean() -> None:
-    kb = _kb()
+    kb = four_kinds_knowledge()
     repeats = [_repeat(kb, s) for s in (1, 2, 3)]
     methods = {"active": lambda i: [ActiveTesting(beta=10.0)]}
     got = leave_one_dataset_out(kb, methods, test=[4, 7], repeats=repeats)["active"]
     for row, i in enumerate([4, 7]):
-        rec = ActiveTesting(beta=10.0).fit(kb.subset([d for d in range(12) if d != i]))
+        rec = ActiveTesting(beta=10.0).fit(kb.subset([d for d in range(len(kb.names)) if d != i]))
         curves = []
         for r in range(3):
             others = [repeats[o].scores[i] for o in range(3) if o != r]
@@ -100,12 +83,12 @@ def test_each_repeat_is_seen_in_turn_and_judged_by_the_others_mean() -> None:
 
 
 def test_aligned_repeats_reorders_and_refuses_what_does_not_match() -> None:
-    kb = _kb(n=4)
+    kb = four_kinds_knowledge().subset([0, 14, 26, 36])
     shuffled = kb.subset([2, 0, 3, 1])
     order = [5, 1, 0, 7, 2, 3, 6, 4]
     permuted = dataclasses.replace(
         shuffled,
-        configurations=[CANDS[j] for j in order],
+        configurations=[kb.configurations[j] for j in order],
         scores=shuffled.scores[:, order],
         fit_times=shuffled.fit_times[:, order],
     )

@@ -108,7 +108,8 @@ def aligned_repeats(kb: MetaKnowledge, repeats: Sequence[MetaKnowledge]) -> np.n
                 f"repeat {r} lacks {len(missing)} of the datasets (e.g. {missing[:3]}) and "
                 f"{len(lacking)} of the candidates: build it on the same datasets and candidates"
             )
-        rows = [rep.names.index(n) for n in kb.names]
+        position = {name: row for row, name in enumerate(rep.names)}
+        rows = [position[n] for n in kb.names]
         out.append(rep.scores[np.ix_(rows, [columns[c.key] for c in kb.configurations])])
     return np.stack(out)
 
@@ -161,17 +162,12 @@ def _hold_out(
 ) -> dict[str, np.ndarray]:
     families = np.array(source.families)
     train = source.subset(np.flatnonzero(families != kb.families[i]))
+    pairs = None if measured is None else _seen_and_judge(measured[:, i])
 
     def curve(rec: Recommender) -> np.ndarray:
-        if measured is None:
+        if pairs is None:
             return best_so_far(rec, kb, i, norm)
-        return np.mean(
-            [
-                judged_so_far(rec, kb, i, seen, judge)
-                for seen, judge in _seen_and_judge(measured[:, i])
-            ],
-            axis=0,
-        )
+        return np.mean([judged_so_far(rec, kb, i, seen, judge) for seen, judge in pairs], axis=0)
 
     return {
         name: np.mean([curve(rec.fit(train)) for rec in make(i)], axis=0)
