@@ -43,6 +43,7 @@ Step = Callable[[], Any]
 # thread is faster for the small MLP (per-op overhead dominates; a second thread only adds
 # synchronisation), and for conv4 a second thread that competes with other jobs' processes
 # stalls every parallel op (measured: see docs/speed.md); --threads overrides.
+# The "-all" conv4 workloads give each implementation the whole CPU (set per implementation).
 THREADS = {"sinusoid": 1, "conv4": 1, "protonet": 1, "adapt": 1, "sampling": 1, "peak": 0}
 
 
@@ -53,7 +54,12 @@ def set_threads(workload: str, override: int | None = None) -> int:
         >>> set_threads("sinusoid", override=1)
         1
     """
-    n = override if override is not None else THREADS.get(workload.split("-")[0], 0)
+    key = workload.split("-")[0]
+    n = (
+        override
+        if override is not None
+        else (0 if workload.endswith("-all") else THREADS.get(key, 0))
+    )
     n = n or (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
@@ -195,7 +201,7 @@ def worker_sinusoid(quick: bool) -> dict[str, Any]:
 def _conv4_spec(name: str, quick: bool) -> Any:
     from benchmarks.speed_workloads import Conv4Spec
 
-    _, steps, order = name.split("-")  # conv4-<steps>-<so|fo>
+    _, steps, order = name.removesuffix("-all").split("-")  # conv4-<steps>-<so|fo>[-all]
     spec = Conv4Spec(steps=int(steps), first_order=order == "fo")
     if quick:
         spec.meta_batch, spec.hidden, spec.queries = 2, 8, 2
@@ -203,17 +209,27 @@ def _conv4_spec(name: str, quick: bool) -> Any:
 
 
 def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
-    """(b) conv4 MAML: tasks/s and GFLOP/s of every implementation."""
-    from benchmarks.speed_workloads import conv4_forward, conv4_impls, plain_maml, random_batch
+    """(b) conv4 MAML: tasks/s and GFLOP/s of every implementation (``-all``: on all cores)."""
+    from benchmarks.speed_workloads import (
+        conv4_forward,
+        conv4_impls,
+        conv4_impls_all_cores,
+        plain_maml,
+        random_batch,
+    )
 
     spec = _conv4_spec(name, quick)
     batch = random_batch(spec)
-    # bf16 and vmap (both much slower on this CPU) once each, where they are cheapest, and
-    # low-memory where memory matters (5 steps, second order): the full run fits in ~25 min.
-    impls = conv4_impls(
-        spec, batch, bf16=name == "conv4-1-fo", vmap=name == "conv4-1-so",
-        low_memory=name == "conv4-5-so",
-    )  # fmt: skip
+    cores = os.cpu_count() or 1
+    if name.endswith("-all"):
+        impls = conv4_impls_all_cores(spec, batch, cores)
+    else:
+        # bf16 and vmap (both much slower on this CPU) once each, where they are cheapest, and
+        # low-memory where memory matters (5 steps, second order).
+        impls = conv4_impls(
+            spec, batch, bf16=name == "conv4-1-fo", vmap=name == "conv4-1-so",
+            low_memory=name == "conv4-5-so",
+        )  # fmt: skip
     # FLOPs of one meta-iteration, counted on a separate plain-loop instance (same arithmetic).
     from benchmarks.speed_workloads import conv4_model
 
@@ -225,6 +241,7 @@ def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
     runs = 2 if quick else 5
     rates = time_rates(impls, units=spec.meta_batch, runs=runs, warmup=1)
     return {
+        **({"threads": cores} if name.endswith("-all") else {}),
         "unit": "tasks/s",
         "rates": _summary(rates),
         "flops_per_task": flops / spec.meta_batch,
@@ -336,7 +353,7 @@ def run_worker(
         raise SystemExit(f"unknown workload {name!r}")
     result.update(
         workload=name,
-        threads=threads,
+        threads=result.get("threads", threads),
         peak_rss_mb=result.get("peak_rss_mb", peak_rss_mb()),
         wall_s=time.perf_counter() - start,
     )
@@ -346,7 +363,8 @@ def run_worker(
 # ---- the driver ------------------------------------------------------------------------------
 
 CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
-WORKLOADS = ["peak", "sinusoid", *CONV4, "protonet", "adapt", "sampling"]
+CONV4_ALL = [f"{name}-all" for name in CONV4]
+WORKLOADS = ["peak", "sinusoid", *CONV4, *CONV4_ALL, "protonet", "adapt", "sampling"]
 RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "higher", "plain"]
 
 
@@ -425,7 +443,7 @@ def render(results: dict[str, Any]) -> str:
         "| metaml / plain | GFLOP/s | of fp32 peak | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ["sinusoid", *CONV4]:
+    for name in ["sinusoid", *CONV4, *CONV4_ALL]:
         if name not in w:
             continue
         r = w[name]["rates"]
@@ -471,13 +489,14 @@ def render(results: dict[str, Any]) -> str:
             f"{a['peak_rss_mb']:.0f} |"
         )
     lines.append("")
-    if "sampling" in w and "conv4-1-so" in w:
+    consumers = [n for n in ("conv4-1-so", "conv4-1-so-all") if n in w]
+    if "sampling" in w and consumers:
         sample = w["sampling"]["rates"]["sampler"]["median"]
-        _, consume = _best_metaml(w["conv4-1-so"]["rates"])
+        consume = max(_best_metaml(w[n]["rates"])[1] for n in consumers)
         lines.append(
             f"Sampling (e): {sample:.0f} tasks/s ({w['sampling']['source']}, rotations, one "
-            f"thread) against {consume:.1f} tasks/s consumed by (b) 1-step second order: "
-            f"{sample / consume:.0f}x."
+            f"thread) against {consume:.1f} tasks/s consumed by (b) 1-step second order "
+            f"(its fastest metaml): {sample / consume:.0f}x."
         )
     if results["rss"]:
         rss = results["rss"]

@@ -141,12 +141,13 @@ def metaml_maml(
     channels_last: bool = False,
     low_memory: bool = False,
     compile: bool = False,
+    task_threads: int = 1,
 ) -> Step:
     """One metaml meta-iteration: ``meta_loss``, ``backward``, Adam."""
     learner = MAML(
         model, task_type=task_type, inner_lr=inner_lr, inner_steps=steps,  # type: ignore[arg-type]
         first_order=first_order, vectorize=vectorize, low_memory=low_memory,  # type: ignore[arg-type]
-        compile=compile,
+        compile=compile, task_threads=task_threads,
     )  # fmt: skip
     if channels_last:
         learner.to(memory_format=torch.channels_last)
@@ -302,6 +303,40 @@ def conv4_impls(
     if learn2learn_available():
         impls["learn2learn"] = learn2learn_maml(textbook_conv4(base), batch, *args)
     return impls
+
+
+def on_threads(threads: int, step: Step) -> Step:
+    """``step`` with torch's intra-op thread count set to ``threads`` for each call.
+
+    Example:
+        >>> on_threads(1, torch.get_num_threads)()
+        1
+    """
+
+    def run() -> Any:
+        torch.set_num_threads(threads)
+        return step()
+
+    return run
+
+
+def conv4_impls_all_cores(spec: Conv4Spec, batch: TaskBatch, cores: int) -> dict[str, Step]:
+    """One conv4 MAML setting with the whole CPU for each implementation, each in its best way:
+    metaml's tasks on ``cores`` task threads of one intra-op thread each, and the references
+    (and metaml's plain loop) on ``cores`` intra-op threads, the way torch runs by default."""
+    base = conv4_model(spec)
+    args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
+    tasks = metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop", task_threads=cores)
+    return {
+        "metaml-taskthreads": on_threads(1, tasks),
+        "metaml-loop": on_threads(
+            cores, metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop")
+        ),
+        "higher": on_threads(cores, higher_maml(textbook_conv4(base), batch, *args)),
+        "plain": on_threads(
+            cores, plain_maml(copy.deepcopy(base), batch, *args, forward=conv4_forward)
+        ),
+    }
 
 
 # ---- workload (a): sinusoid ------------------------------------------------------------------

@@ -115,6 +115,12 @@ class _GradientBased(_Strict):
     compile: bool = Field(
         False, description="run the meta-batch through torch.compile (wins for small models)"
     )
+    task_threads: int = Field(
+        1,
+        ge=1,
+        description="compute this many of the meta-batch's tasks at once, one per thread "
+        "(the loop path; on a CPU, one per core: docs/speed.md)",
+    )
 
 
 class MAMLConfig(_GradientBased):

@@ -8,6 +8,7 @@ learner ready to ``adapt``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,10 +333,14 @@ def load_learner(
 
 
 def _apply_threads(cfg: RunConfig) -> None:
+    task_threads = getattr(cfg.algorithm, "task_threads", 1)
     if cfg.threads is not None:
         # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
         # on a busy machine can make them 10-30x slower.
         torch.set_num_threads(cfg.threads)
+    elif task_threads > 1:
+        # Every task thread runs its own intra-op threads: share the cores out between them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // task_threads))
 
 
 def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:

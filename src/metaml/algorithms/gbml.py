@@ -55,13 +55,13 @@ from metaml.functional import (
     Rate,
     Vectorize,
     VectorizeChooser,
-    functional_call,
     inner_loop,
     map_tasks,
     use_batch_statistics_,
     vmap_safe,
 )
 from metaml.tasks import TaskBatch
+from metaml.threads import call_module, check_task_threads, map_in_threads
 
 __all__ = ["ANIL", "FOMAML", "MAML", "GradientBasedLearner", "MetaSGD", "task_loss"]
 
@@ -112,9 +112,11 @@ class GradientBasedLearner(MetaLearner):
         first_order: bool = False,
         low_memory: bool = False,
         compile: bool = False,
+        task_threads: int = 1,
     ) -> None:
         super().__init__()
         _check_args(task_type, inner_lr, inner_steps, test_inner_steps)
+        self.task_threads = check_task_threads(task_threads, model)
         self.model = use_batch_statistics_(model)
         self.task_type = task_type
         self.inner_lr = float(inner_lr)
@@ -151,7 +153,7 @@ class GradientBasedLearner(MetaLearner):
 
     def _predict(self, fast: Params, x: Tensor, step: int) -> Tensor:
         """Model outputs at the fast parameters (plus step ``step``'s BatchNorm affine)."""
-        return functional_call(self.model, {**fast, **self._bn_at(step)}, (x,))
+        return call_module(self.model, {**fast, **self._bn_at(step)}, x)
 
     def _make_bn_steps(self) -> nn.ParameterDict:
         # inner_steps + 1 sets: one per inner step, and one for the query pass.
@@ -279,20 +281,24 @@ class GradientBasedLearner(MetaLearner):
         """
         params = [p for p in self.parameters() if p.requires_grad]
         tasks = len(batch)
+
+        def one(i: int) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+            sx, sy = batch.support_x[i], batch.support_y[i]
+            fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
+            out = self._predict(fast, self._embed(batch.query_x[i]), self.inner_steps)
+            loss = task_loss(self.task_type, out, batch.query_y[i])
+            grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
+            return loss.detach(), out.detach(), grads
+
         sums: list[Tensor] = [torch.zeros_like(p) for p in params]
         losses, outputs = [], []
-        for i in range(tasks):
-            sx, sy = batch.support_x[i], batch.support_y[i]
-            qx, qy = batch.query_x[i], batch.query_y[i]
-            fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
-            out = self._predict(fast, self._embed(qx), self.inner_steps)
-            loss = task_loss(self.task_type, out, qy)
-            grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
+        # In task order whatever thread computed them: the sums do not depend on task_threads.
+        for loss, out, grads in map_in_threads(one, tasks, self.task_threads):
             for total, g in zip(sums, grads, strict=True):
                 if g is not None:
                     total.add_(g)
-            losses.append(loss.detach())
-            outputs.append(out.detach())
+            losses.append(loss)
+            outputs.append(out)
         value = torch.stack(losses).mean()
         # value + (Σ p·g − Σ p·g detached): the value is exact, and d/dp is g.
         linear = sum(((p * g).sum() for p, g in zip(params, sums, strict=True)), torch.zeros(()))
@@ -459,4 +465,4 @@ class ANIL(GradientBasedLearner):
 
     def _predict(self, fast: Params, x: Tensor, step: int) -> Tensor:
         head = {n.removeprefix("head."): p for n, p in fast.items()}
-        return functional_call(self.model.head, head, (x,))  # type: ignore[arg-type]
+        return call_module(self.model.head, head, x)  # type: ignore[arg-type]

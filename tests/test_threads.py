@@ -1,0 +1,134 @@
+"""Task threads: the meta-batch's tasks on several threads give the one-thread meta-gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from metaml import UserError
+from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
+from metaml.nn import create_backbone
+from metaml.tasks import TaskBatch
+from metaml.threads import call_module, map_in_threads
+
+
+@pytest.fixture
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread everywhere, so each convolution sums in one fixed order and the
+    threaded and plain runs can be compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _batch(tasks: int = 5) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    return TaskBatch(
+        torch.randn(tasks, 5, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 1),
+        torch.randn(tasks, 10, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 2),
+    )
+
+
+def _meta_gradient(learner: torch.nn.Module, batch: TaskBatch) -> tuple[dict, list[torch.Tensor]]:
+    learner.zero_grad()
+    loss, metrics = learner.meta_loss(batch)  # type: ignore[operator]
+    loss.backward()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return metrics, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (MAML, {"inner_steps": 2}),
+        (MAML, {"inner_steps": 2, "first_order": True}),
+        (MAML, {"inner_steps": 2, "per_step_bn": True, "learn_inner_lr": True}),
+        (MetaSGD, {"inner_steps": 1}),
+        (ANIL, {"inner_steps": 2}),
+    ],
+)
+def test_task_threads_give_the_one_thread_meta_gradient_exactly(cls: type, kwargs: dict) -> None:
+    batch = _batch()
+    results = []
+    for threads in (1, 2, 3):
+        torch.manual_seed(0)
+        net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
+        learner = cls(net.double(), inner_lr=0.4, vectorize="loop", task_threads=threads, **kwargs)
+        results.append(_meta_gradient(learner.double(), batch))
+    (metrics, reference), *threaded = results
+    assert any(g.abs().sum() > 0 for g in reference)
+    for got_metrics, got in threaded:
+        assert got_metrics == metrics
+        assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+
+
+def test_task_threads_leave_the_shared_model_untouched() -> None:
+    """Task threads call replicas; the learner's own modules keep their tensors and modes."""
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    learner = MAML(net, inner_lr=0.4, vectorize="loop", task_threads=2)
+    before = {n: (p, p.detach().clone()) for n, p in learner.named_parameters()}
+    learner.meta_loss(_batch(4))[0].backward()
+    for name, p in learner.named_parameters():
+        same_tensor, value = before[name]
+        assert p is same_tensor and torch.equal(p, value) and p.grad is not None
+
+
+def test_task_threads_inherit_the_callers_autocast() -> None:
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = [o.dtype for o in map_in_threads(lambda i: call_module(net, {}, x[i]), 4, 2)]
+    plain = [o.dtype for o in map_in_threads(lambda i: call_module(net, {}, x[i]), 4, 2)]
+    assert dtypes == [torch.bfloat16] * 4 and plain == [torch.float32] * 4
+
+
+def test_task_thread_errors_reach_the_caller() -> None:
+    def fail_on_two(i: int) -> int:
+        if i == 2:
+            raise ValueError("task 2 failed")
+        return i
+
+    with pytest.raises(ValueError, match="task 2 failed"):
+        list(map_in_threads(fail_on_two, 4, threads=2))
+
+
+def test_call_module_in_a_thread_uses_the_given_and_the_module_tensors() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    net.eval()  # running statistics (buffers) are read, and must be the module's own
+    net[1].running_mean.fill_(0.5)
+    weight = {"2.weight": torch.ones(2, 4)}
+    x = torch.randn(6, 3)
+    expected = torch.func.functional_call(net, weight, (x,))
+    got = list(map_in_threads(lambda i: call_module(net, weight, x), 2, threads=2))
+    assert all(torch.equal(g, expected) for g in got)
+
+
+def test_task_threads_refuse_dropout_and_bad_counts() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    with pytest.raises(UserError, match="without dropout"):
+        MAML(net, task_type="regression", task_threads=2)
+    assert MAML(net, task_type="regression", task_threads=1).task_threads == 1
+    with pytest.raises(UserError, match="task_threads must be"):
+        MAML(create_backbone("mlp"), task_type="regression", task_threads=0)
+
+
+def test_task_threads_reach_the_learner_and_share_the_cores(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from metaml.config import load_config
+    from metaml.runs import build_learner, build_samplers
+
+    set_to: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    cfg = load_config(None, ["algorithm.name=maml", "algorithm.task_threads=2"])
+    learner = build_learner(cfg, build_samplers(cfg).train)
+    assert learner.task_threads == 2 and set_to == [4]  # type: ignore[attr-defined]
+    cfg = load_config(None, ["algorithm.task_threads=2", "threads=3"])
+    build_learner(cfg, build_samplers(cfg).train)
+    assert set_to == [4, 3]  # an explicit thread count wins
