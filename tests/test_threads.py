@@ -132,3 +132,32 @@ def test_task_threads_reach_the_learner_and_share_the_cores(monkeypatch) -> None
     cfg = load_config(None, ["algorithm.task_threads=2", "threads=3"])
     build_learner(cfg, build_samplers(cfg).train)
     assert set_to == [4, 3]  # an explicit thread count wins
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_evaluation_on_task_threads_gives_the_same_scores_in_order() -> None:
+    from metaml.data import Sinusoid
+    from metaml.evaluate import evaluate
+    from metaml.tasks import EpisodeSampler
+
+    sampler = EpisodeSampler(Sinusoid(), shots=5, queries=10, seed=3)
+    torch.manual_seed(0)
+    learner = MAML(create_backbone("mlp"), task_type="regression", inner_lr=0.05, inner_steps=3)
+    one = evaluate(learner, sampler, episodes=21)
+    learner.task_threads = 2  # the learner's own setting is evaluate's default
+    two = evaluate(learner, sampler, episodes=21)
+    three = evaluate(learner, sampler, episodes=21, task_threads=3)
+    assert len(set(one.scores)) > 1
+    assert two.scores == one.scores and three.scores == one.scores
+
+
+def test_evaluation_refuses_task_threads_for_learners_without_them() -> None:
+    from metaml.algorithms import ProtoNet
+    from metaml.data import Sinusoid
+    from metaml.evaluate import evaluate
+    from metaml.tasks import EpisodeSampler
+
+    sampler = EpisodeSampler(Sinusoid(), shots=5, queries=10)
+    learner = ProtoNet(create_backbone("mlp", num_outputs=0))
+    with pytest.raises(UserError, match="does not adapt on task threads"):
+        evaluate(learner, sampler, episodes=2, task_threads=2)

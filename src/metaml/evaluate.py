@@ -7,6 +7,7 @@ episodes, so results can be compared pair by pair (:func:`compare`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from metaml.algorithms.base import MetaLearner
+from metaml.errors import UserError
+from metaml.threads import check_task_threads, map_in_threads
 
 if TYPE_CHECKING:
-    from metaml.tasks import EpisodeSampler
+    from metaml.tasks import EpisodeSampler, Task
 
 Z95 = 1.96
 # What, besides the seed and the count, fixes which episodes a result was computed on.
@@ -89,8 +92,13 @@ def evaluate(
     steps: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    task_threads: int | None = None,
 ) -> Result:
     """Adapt ``learner`` to episodes ``0..episodes-1`` of ``sampler`` and score each query set.
+
+    ``task_threads`` episodes are adapted at once, one per thread (default: the learner's own
+    ``task_threads``, which the gradient-based learners have, else 1); the scores are the same
+    as one at a time, in episode order. Episodes are drawn on the calling thread.
 
     Example:
         >>> from metaml.data import load
@@ -99,17 +107,32 @@ def evaluate(
         >>> # result = evaluate(learner, EpisodeSampler(load("sinusoid"), shots=5, queries=10), 100)
     """
     device = torch.device(device) if device is not None else next(learner.parameters()).device
+    threads = _task_threads(learner, task_threads)
     metric = "accuracy" if learner.task_type == "classification" else "mse"
+
+    def score(task: Task) -> float:
+        predictor = learner.adapt(task.support_x, task.support_y, steps=steps)
+        with torch.no_grad():
+            outputs = predictor(task.query_x)
+        return learner.score(outputs, task.query_y)
+
+    def scores_of(tasks: list[Task]) -> Iterator[float]:
+        return map_in_threads(lambda j: score(tasks[j]), len(tasks), threads)
+
     was_training = learner.training
     learner.eval()
-    scores = []
+    scores: list[float] = []
+    chunk = 1 if threads == 1 else 8 * threads  # episodes drawn ahead of the threads
     try:
-        for index in tqdm(range(episodes), desc="evaluate", disable=not progress, leave=False):
-            task = sampler.episode(index).to(device)
-            predictor = learner.adapt(task.support_x, task.support_y, steps=steps)
-            with torch.no_grad():
-                outputs = predictor(task.query_x)
-            scores.append(learner.score(outputs, task.query_y))
+        with tqdm(total=episodes, desc="evaluate", disable=not progress, leave=False) as bar:
+            for start in range(0, episodes, chunk):
+                tasks = [
+                    sampler.episode(i).to(device)
+                    for i in range(start, min(start + chunk, episodes))
+                ]
+                for value in scores_of(tasks):
+                    scores.append(value)
+                    bar.update()
     finally:
         learner.train(was_training)
     # The episodes' shape goes with the seed: compare() pairs only results on the same episodes.
@@ -117,6 +140,18 @@ def evaluate(
     if sampler.task_type == "classification":  # a task family ignores ways
         shape["ways"] = sampler.ways
     return Result.from_scores(scores, metric=metric, seed=sampler.seed, steps=steps, **shape)
+
+
+def _task_threads(learner: MetaLearner, task_threads: int | None) -> int:
+    own = getattr(learner, "task_threads", None)
+    if task_threads is None:
+        return 1 if own is None else int(own)
+    if task_threads > 1 and own is None:
+        raise UserError(
+            f"{type(learner).__name__} does not adapt on task threads (only the gradient-based "
+            "learners do); evaluate it with task_threads=1"
+        )
+    return check_task_threads(task_threads, learner)
 
 
 @dataclass
