@@ -273,9 +273,14 @@ def worker_protonet(quick: bool) -> dict[str, Any]:
     return {"unit": "episodes/s", "rates": _summary(rates), "flops_per_episode": flops}
 
 
-def worker_adapt(quick: bool) -> dict[str, Any]:
+def worker_adapt(quick: bool, all_cores: bool = False) -> dict[str, Any]:
     """(d) test-time adaptation of 600 5-way 1-shot episodes, 10 steps: seconds."""
-    from benchmarks.speed_workloads import Conv4Spec, adaptation_impls, random_batch
+    from benchmarks.speed_workloads import (
+        Conv4Spec,
+        adaptation_impls,
+        adaptation_impls_all_cores,
+        random_batch,
+    )
 
     # 600 episodes take about a minute per pass and implementation here: each timed run adapts
     # to 30 of them and the figure is scaled to 600 (seconds grow linearly with episodes).
@@ -283,13 +288,19 @@ def worker_adapt(quick: bool) -> dict[str, Any]:
     spec = Conv4Spec(meta_batch=episodes_n, hidden=8 if quick else 64)
     batch = random_batch(spec)
     episodes = [batch.task(i) for i in range(episodes_n)]
-    impls = adaptation_impls(episodes, steps=2 if quick else 10, hidden=spec.hidden)
+    options = {"steps": 2 if quick else 10, "hidden": spec.hidden}
+    cores = os.cpu_count() or 1
+    if all_cores:
+        impls = adaptation_impls_all_cores(episodes, cores, **options)
+    else:
+        impls = adaptation_impls(episodes, **options)
     runs = 1 if quick else 5
     rates = time_rates(impls, units=1, runs=runs, warmup=0)  # passes/s; seconds = 1/rate
     seconds = {name: sorted(1 / r for r in rs) for name, rs in rates.items()}
     scale = 600 / episodes_n
     seconds = {name: [x * scale for x in s] for name, s in seconds.items()}
     return {
+        **({"threads": cores} if all_cores else {}),
         "unit": "seconds for 600 episodes",
         "episodes": 600,
         "episodes_timed": episodes_n,
@@ -345,8 +356,8 @@ def run_worker(
         result = worker_conv4(name, quick)
     elif name == "protonet":
         result = worker_protonet(quick)
-    elif name == "adapt":
-        result = worker_adapt(quick)
+    elif name in ("adapt", "adapt-all"):
+        result = worker_adapt(quick, all_cores=name == "adapt-all")
     elif name == "sampling":
         result = worker_sampling(quick)
     else:
@@ -364,7 +375,7 @@ def run_worker(
 
 CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
 CONV4_ALL = [f"{name}-all" for name in CONV4]
-WORKLOADS = ["peak", "sinusoid", *CONV4, *CONV4_ALL, "protonet", "adapt", "sampling"]
+WORKLOADS = ["peak", "sinusoid", *CONV4, *CONV4_ALL, "protonet", "adapt", "adapt-all", "sampling"]
 RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "higher", "plain"]
 
 
@@ -421,18 +432,20 @@ def _best_metaml(rates: dict[str, dict[str, float]], precision: str = "") -> tup
     return name, cands[name]
 
 
-def _best_reference(rates: dict[str, dict[str, float]], name: str) -> tuple[float, str]:
-    """The faster of a reference's thread settings (``name``, ``name-1thread``) and its cell.
+def _best_reference(
+    figures: dict[str, dict[str, float]], name: str, lower_is_better: bool = False
+) -> tuple[float, str]:
+    """The better of a reference's thread settings (``name``, ``name-1thread``) and its cell.
 
     Example:
         >>> _best_reference({"higher": {"median": 4.0}, "higher-1thread": {"median": 5.0}}, "higher")
         (5.0, '5.00 (1 thread; 4.00 on all)')
     """
-    value = rates[name]["median"]
-    single = rates.get(f"{name}-1thread", {}).get("median")
+    value = figures[name]["median"]
+    single = figures.get(f"{name}-1thread", {}).get("median")
     if single is None:
         return value, f"{value:.2f}"
-    if single > value:
+    if (single < value) if lower_is_better else (single > value):
         return single, f"{single:.2f} (1 thread; {value:.2f} on all)"
     return value, f"{value:.2f} (all threads; {single:.2f} on 1)"
 
@@ -503,6 +516,18 @@ def render(results: dict[str, Any]) -> str:
             f"{s['metaml-batched']['median']:.1f} (batched) | {s['higher']['median']:.1f} | "
             f"{s['plain']['median']:.1f} | | "
             f"{s['higher']['median'] / best:.2f}x | {s['plain']['median'] / best:.2f}x | | | "
+            f"{a['peak_rss_mb']:.0f} |"
+        )
+    if "adapt-all" in w:
+        a = w["adapt-all"]
+        s = a["seconds"]
+        mine = s["metaml-taskthreads"]["median"]
+        hi, hi_cell = _best_reference(s, "higher", lower_is_better=True)
+        pl, pl_cell = _best_reference(s, "plain", lower_is_better=True)
+        lines.append(
+            f"| adapt-all, the same on the whole CPU (seconds) | {a['threads']} | {mine:.1f} "
+            f"(task threads); {s['metaml']['median']:.1f} (per episode, all threads) | "
+            f"{hi_cell} | {pl_cell} | | {hi / mine:.2f}x | {pl / mine:.2f}x | | | "
             f"{a['peak_rss_mb']:.0f} |"
         )
     lines.append("")

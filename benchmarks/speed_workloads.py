@@ -406,16 +406,20 @@ def protonet_impl(ways: int = 20, shots: int = 1, queries: int = 15) -> tuple[St
 # ---- workload (d): test-time adaptation ----------------------------------------------------------
 
 
-def adaptation_impls(episodes: list[Any], steps: int = 10, hidden: int = 64) -> dict[str, Step]:
+def adaptation_impls(
+    episodes: list[Any], steps: int = 10, hidden: int = 64, task_threads: int = 1
+) -> dict[str, Step]:
     """Adapt to each episode with ``steps`` inner steps and score its queries.
 
     ``metaml``: :func:`metaml.evaluate.evaluate`'s per-episode ``adapt``; ``metaml-batched``:
     all episodes' adaptation at once with ``vmap`` (no graph); ``higher`` and ``plain``: per
-    episode, without higher-order graphs.
+    episode, without higher-order graphs. With ``task_threads > 1``, ``metaml-taskthreads``
+    (episodes on task threads, as ``evaluate`` runs them) replaces ``metaml-batched``.
     """
     import higher
 
     from metaml.functional import functional_call, map_tasks
+    from metaml.threads import map_in_threads
 
     spec = Conv4Spec(hidden=hidden)
     base = conv4_model(spec)
@@ -479,9 +483,34 @@ def adaptation_impls(episodes: list[Any], steps: int = 10, hidden: int = 64) -> 
             correct += float((out.argmax(-1) == t.query_y).float().mean())
         return correct / len(episodes)
 
+    def run_metaml_threads() -> float:
+        def score(i: int) -> float:
+            t = episodes[i]
+            predict = learner.adapt(t.support_x, t.support_y, steps=steps)
+            with torch.no_grad():
+                return learner.score(predict(t.query_x), t.query_y)
+
+        return sum(map_in_threads(score, len(episodes), task_threads)) / len(episodes)
+
+    if task_threads > 1:  # the whole CPU: see adaptation_impls_all_cores
+        return {"metaml-taskthreads": run_metaml_threads, "metaml": run_metaml,
+                "higher": run_higher, "plain": run_plain}  # fmt: skip
     return {
         "metaml": run_metaml,
         "metaml-batched": run_batched,
         "higher": run_higher,
         "plain": run_plain,
     }
+
+
+def adaptation_impls_all_cores(episodes: list[Any], cores: int, **kwargs: Any) -> dict[str, Step]:
+    """:func:`adaptation_impls` with the whole CPU: metaml's episodes on ``cores`` task threads
+    (what ``evaluate`` does with ``task_threads``) of one intra-op thread each, beside metaml's
+    plain loop and the references on ``cores`` intra-op threads and on one (``-1thread``)."""
+    impls = adaptation_impls(episodes, task_threads=cores, **kwargs)
+    timed = {"metaml-taskthreads": on_threads(1, impls["metaml-taskthreads"])}
+    for name in ("metaml", "higher", "plain"):
+        timed[name] = on_threads(cores, impls[name])
+    for name in ("higher", "plain"):
+        timed[f"{name}-1thread"] = on_threads(1, impls[name])
+    return timed

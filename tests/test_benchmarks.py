@@ -42,17 +42,23 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     w = results["workloads"]
     conv4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
     all_cores = [f"{name}-all" for name in conv4]
-    assert set(w) == {"peak", "sinusoid", *conv4, *all_cores, "protonet", "adapt", "sampling"}
+    assert set(w) == {
+        "peak", "sinusoid", *conv4, *all_cores, "protonet", "adapt", "adapt-all", "sampling"
+    }  # fmt: skip
     for name in ["sinusoid", *conv4, *all_cores]:
         assert {"metaml-loop", "higher", "plain"} <= set(w[name]["rates"]), name
         assert all(r["median"] > 0 and r["runs"] >= 1 for r in w[name]["rates"].values())
     for name in all_cores:  # metaml's tasks on task threads, beside the references on all cores
         assert "metaml-taskthreads" in w[name]["rates"] and w[name]["threads"] >= 1
     assert w["conv4-1-so"]["flops_per_task"] > 0 and w["peak"]["1"]["fp32_gflops"] > 0
+    assert {"metaml-taskthreads", "metaml", "higher-1thread", "plain-1thread"} <= set(
+        w["adapt-all"]["seconds"]
+    )
     assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "higher", "plain"}
     assert all(r["peak_rss_mb"] > 0 for r in results["rss"].values())
     table = render(results)
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
+    assert "| adapt-all, the same on the whole CPU (seconds) |" in table
     assert done.stdout.count("| conv4-") >= 8  # the table was printed
 
 
