@@ -75,3 +75,18 @@ def test_mann_synthetic_episodes_hold_new_classes_ten_times_each() -> None:
     history = [torch.full((10,), 0.2)] * 200 + [torch.full((10,), 0.9)] * 100
     assert first_crossing(history, 5, 0.5) == 300
     assert first_crossing(history[:200], 5, 0.5) is None
+
+
+def test_conv_ceiling_times_every_kernel_with_the_counted_flops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import conv_ceiling
+
+    ops = conv_ceiling.conv_ops(3, 2, 6, hidden=4)
+    assert count_flops(ops["forward"]) == 2 * 9 * 2 * 4 * 6 * 6 * 3  # the formula measure() uses
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's count
+    results = conv_ceiling.measure(quick=True)
+    assert len(results["rows"]) == len(conv_ceiling.LAYERS) * len(conv_ceiling.KINDS)
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in results["rows"])
+    text = conv_ceiling.render(results)
+    assert text.count("\n| 5 | ") == len(conv_ceiling.LAYERS) and "convolutions alone" in text

@@ -53,7 +53,9 @@ def test_console_script_exit_status_is_two_on_user_error(tmp_path: Path) -> None
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_train_eval_resume_cycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_eval_resume_cycle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = tmp_path / "run"
     code, _, err = run_cli(
         ["train", "configs/maml-sinusoid.yaml", "--run-dir", str(run_dir), "--quiet", *TINY], capsys
@@ -67,6 +69,13 @@ def test_train_eval_resume_cycle(tmp_path: Path, capsys: pytest.CaptureFixture[s
     result = json.loads(out)
     assert result["metric"] == "mse" and len(result["scores"]) == 5
     assert np.isclose(result["mean"], np.mean(result["scores"]))
+    eval_on_threads = ["eval", str(run_dir), "--episodes", "5", "--json", "--quiet", "--steps", "2"]
+    threads_set: list[int] = []  # recorded, not applied: later tests keep this process's count
+    monkeypatch.setattr("torch.set_num_threads", threads_set.append)
+    code, out, err = run_cli([*eval_on_threads, "--task-threads", "2"], capsys)
+    assert code == 0, err  # the same episodes, two at a time
+    assert np.allclose(json.loads(out)["scores"], result["scores"], rtol=1e-6, atol=0)
+    assert threads_set == [1]  # the run's `threads: 1` stands (no sharing out of the cores)
     code, _, err = run_cli(
         ["train", "--resume", str(run_dir), "--set", "train.steps=9", "--quiet"], capsys
     )

@@ -119,6 +119,14 @@ def eval_(
             help="Evaluate the run's backbone as features with a centroid or logreg classifier."
         ),
     ] = None,
+    task_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Episodes adapted at once, one per thread (gradient-based learners; "
+            "default: the run's algorithm.task_threads). Same scores; on a CPU, one per core.",
+        ),
+    ] = None,
     device: DeviceOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOption = False,
@@ -127,7 +135,7 @@ def eval_(
 
     The result is also saved under RUN_DIR/eval/ for metaml report.
 
-    Example: metaml eval runs/maml-sinusoid --steps 10 --episodes 600
+    Example: metaml eval runs/maml-sinusoid --steps 10 --episodes 600 --task-threads 2
     """
     from metaml import runs
     from metaml.algorithms.features import FeatureClassifier, feature_extractor
@@ -145,9 +153,12 @@ def eval_(
         learner = FeatureClassifier(feature_extractor(learner), classifier)  # type: ignore[arg-type]
     test = runs.build_samplers(cfg, eval_ways=ways, eval_shots=shots).test
     test_steps = steps if steps is not None else resolve_test_steps(cfg)
+    if task_threads is not None and cfg.threads is None:
+        runs.share_cores(task_threads)
     result = evaluate(
-        learner, test, episodes or cfg.eval.episodes, steps=test_steps, progress=not quiet
-    )
+        learner, test, episodes or cfg.eval.episodes, steps=test_steps, progress=not quiet,
+        task_threads=task_threads,
+    )  # fmt: skip
     dataset_name = cfg.data.dataset + (f"+{classifier}" if classifier else "")
     save_eval(
         run_dir,

@@ -333,13 +333,24 @@ def load_learner(
 
 
 def _apply_threads(cfg: RunConfig) -> None:
-    task_threads = getattr(cfg.algorithm, "task_threads", 1)
     if cfg.threads is not None:
         # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
         # on a busy machine can make them 10-30x slower.
         torch.set_num_threads(cfg.threads)
-    elif task_threads > 1:
-        # Every task thread runs its own intra-op threads: share the cores out between them.
+    else:
+        share_cores(getattr(cfg.algorithm, "task_threads", 1))
+
+
+def share_cores(task_threads: int) -> None:
+    """Give each of ``task_threads`` task threads its share of the cores as intra-op threads
+    (nothing for one: torch's own choice stands).
+
+    Every task thread runs its own intra-op threads, so more would oversubscribe the CPU.
+
+    Example:
+        >>> share_cores(1)
+    """
+    if task_threads > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // task_threads))
 
 

@@ -12,6 +12,13 @@ loss is known and frees its graph, so one task's graph is alive at a time instea
 meta-batch's; the meta-gradient is the same as ``vmap``'s (tested). ``low_memory=True`` always
 takes that path: never ``vmap``, whose batched graph holds every task, nor ``compile``.
 
+Task threads: ``task_threads=N`` computes N of the meta-batch's tasks at once on the loop
+path while training, and :func:`metaml.evaluate.evaluate` adapts N episodes at once, one per
+thread (:mod:`metaml.threads`); the meta-gradient and the scores are those of one thread,
+summed in task order. On a CPU give each task thread one core (a run does so unless its
+config sets ``threads``): conv4 MAML then trains about twice as fast on two cores as on one,
+where torch's intra-op threads gain little on such small convolutions (docs/speed.md).
+
 Compilation: ``compile=True`` runs the meta-batch (inner loop and query loss, with ``vmap`` or
 the loop) through ``torch.compile``; the inner gradients are part of the compiled forward graph
 and AOTAutograd differentiates it, so the meta-gradient stays second order (tested against eager).
