@@ -305,6 +305,17 @@ def conv4_impls(
     return impls
 
 
+def query_pass_floor(model: nn.Module, batch: TaskBatch) -> Step:
+    """Less than any MAML meta-iteration does: one task's query pass, forward and backward,
+    with no inner loop and no optimizer. Its peak memory is a floor under every
+    implementation's (the suite's ``floor`` row)."""
+
+    def step() -> None:
+        _loss("classification", model(batch.query_x[0]), batch.query_y[0]).backward()
+
+    return step
+
+
 def on_threads(threads: int, step: Step) -> Step:
     """``step`` with torch's intra-op thread count set to ``threads`` for each call.
 

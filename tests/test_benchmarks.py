@@ -54,7 +54,7 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     assert {"metaml-taskthreads", "metaml", "higher-1thread", "plain-1thread"} <= set(
         w["adapt-all"]["seconds"]
     )
-    assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "higher", "plain"}
+    assert set(results["rss"]) == {"metaml-loop", "metaml-lowmem", "higher", "plain", "floor"}
     assert all(r["peak_rss_mb"] > 0 for r in results["rss"].values())
     table = render(results)
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
