@@ -308,7 +308,12 @@ def conv4_impls(
 def query_pass_floor(model: nn.Module, batch: TaskBatch) -> Step:
     """Less than any MAML meta-iteration does: one task's query pass, forward and backward,
     with no inner loop and no optimizer. Its peak memory is a floor under every
-    implementation's (the suite's ``floor`` row)."""
+    implementation's (the suite's ``floor`` row).
+
+    Example:
+        >>> spec = Conv4Spec(meta_batch=1, hidden=8, queries=2)
+        >>> query_pass_floor(conv4_model(spec), random_batch(spec))()
+    """
 
     def step() -> None:
         _loss("classification", model(batch.query_x[0]), batch.query_y[0]).backward()
@@ -320,8 +325,9 @@ def on_threads(threads: int, step: Step) -> Step:
     """``step`` with torch's intra-op thread count set to ``threads`` for each call.
 
     Example:
-        >>> on_threads(1, torch.get_num_threads)()
-        1
+        >>> count = torch.get_num_threads()  # set again to itself: later doctests keep it
+        >>> on_threads(count, torch.get_num_threads)() == count
+        True
     """
 
     def run() -> Any:
@@ -335,7 +341,13 @@ def conv4_impls_all_cores(spec: Conv4Spec, batch: TaskBatch, cores: int) -> dict
     """One conv4 MAML setting with the whole CPU: metaml's tasks on ``cores`` task threads of
     one intra-op thread each, beside metaml's plain loop and the references on ``cores``
     intra-op threads (torch's default) and on one (``-1thread``; the faster for these shapes
-    here), so each reference is also measured in its own best setting."""
+    here), so each reference is also measured in its own best setting.
+
+    Example:
+        >>> spec = Conv4Spec(meta_batch=2, hidden=8, queries=2)
+        >>> sorted(conv4_impls_all_cores(spec, random_batch(spec), cores=2))[:2]
+        ['higher', 'higher-1thread']
+    """
     base = conv4_model(spec)
     args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
     tasks = metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop", task_threads=cores)
@@ -517,7 +529,11 @@ def adaptation_impls(
 def adaptation_impls_all_cores(episodes: list[Any], cores: int, **kwargs: Any) -> dict[str, Step]:
     """:func:`adaptation_impls` with the whole CPU: metaml's episodes on ``cores`` task threads
     (what ``evaluate`` does with ``task_threads``) of one intra-op thread each, beside metaml's
-    plain loop and the references on ``cores`` intra-op threads and on one (``-1thread``)."""
+    plain loop and the references on ``cores`` intra-op threads and on one (``-1thread``).
+
+    Example:
+        >>> # adaptation_impls_all_cores(episodes, cores=2, steps=10)["metaml-taskthreads"]()
+    """
     impls = adaptation_impls(episodes, task_threads=cores, **kwargs)
     timed = {"metaml-taskthreads": on_threads(1, impls["metaml-taskthreads"])}
     for name in ("metaml", "higher", "plain"):

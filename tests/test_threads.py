@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -55,14 +56,22 @@ def _meta_gradient(learner: torch.nn.Module, batch: TaskBatch) -> tuple[dict, li
 )
 def test_task_threads_give_the_one_thread_meta_gradient_exactly(cls: type, kwargs: dict) -> None:
     batch = _batch()
-    results = []
+    results, callers = [], []
     for threads in (1, 2, 3):
         torch.manual_seed(0)
         net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
         learner = cls(net.double(), inner_lr=0.4, vectorize="loop", task_threads=threads, **kwargs)
+        # The hook is copied into the replicas: it records which threads ran the head.
+        names: set[str] = set()
+        net.head.register_forward_pre_hook(
+            lambda *_, names=names: names.add(threading.current_thread().name)
+        )
         results.append(_meta_gradient(learner.double(), batch))
+        callers.append(names)
     (metrics, reference), *threaded = results
     assert any(g.abs().sum() > 0 for g in reference)
+    assert callers[0] == {threading.current_thread().name}
+    assert all(n and all(name.startswith("metaml-task") for name in n) for n in callers[1:])
     for got_metrics, got in threaded:
         assert got_metrics == metrics
         assert all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
@@ -86,6 +95,40 @@ def test_task_threads_inherit_the_callers_autocast() -> None:
         dtypes = [o.dtype for o in map_in_threads(lambda i: call_module(net, {}, x[i]), 4, 2)]
     plain = [o.dtype for o in map_in_threads(lambda i: call_module(net, {}, x[i]), 4, 2)]
     assert dtypes == [torch.bfloat16] * 4 and plain == [torch.float32] * 4
+
+
+def test_task_threads_take_the_callers_modes_and_thread_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)  # the pool's threads keep their first count otherwise
+            seen = set(map_in_threads(lambda i: torch.get_num_threads(), 4, threads=2))
+            assert seen == {count}
+    finally:
+        torch.set_num_threads(before)
+    with torch.inference_mode():
+        assert all(map_in_threads(lambda i: torch.is_inference_mode_enabled(), 4, threads=2))
+    with torch.no_grad():
+        assert not any(map_in_threads(lambda i: torch.is_grad_enabled(), 4, threads=2))
+
+
+def test_nested_task_threads_run_in_turn_instead_of_waiting_on_the_pool() -> None:
+    def outer(i: int) -> list[int]:
+        return list(map_in_threads(lambda j: 10 * i + j, 3, threads=2))
+
+    assert list(map_in_threads(outer, 4, threads=2)) == [
+        [10 * i + j for j in range(3)] for i in range(4)
+    ]
+
+
+def test_task_threads_take_the_loop_and_refuse_vmap_and_compile() -> None:
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    learner = MAML(net, inner_lr=0.4, task_threads=2)  # vectorize="auto"
+    learner.meta_loss(_batch(2))
+    assert learner.chooser.choice is None  # never timed vmap: the loop was taken
+    for options in ({"vectorize": "vmap"}, {"compile": True}):
+        with pytest.raises(UserError, match="excludes compile=True and vectorize='vmap'"):
+            MAML(create_backbone("mlp"), task_type="regression", task_threads=2, **options)
 
 
 def test_task_thread_errors_reach_the_caller() -> None:
@@ -125,7 +168,7 @@ def test_task_threads_reach_the_learner_and_share_the_cores(monkeypatch) -> None
 
     set_to: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("metaml.runs._DEFAULT_THREADS", 8)
     cfg = load_config(None, ["algorithm.name=maml", "algorithm.task_threads=2"])
     learner = build_learner(cfg, build_samplers(cfg).train)
     assert learner.task_threads == 2 and set_to == [4]  # type: ignore[attr-defined]

@@ -116,7 +116,7 @@ def evaluate(
             outputs = predictor(task.query_x)
         return learner.score(outputs, task.query_y)
 
-    def scores_of(tasks: list[Task]) -> Iterator[float]:
+    def scores_in_threads(tasks: list[Task]) -> Iterator[float]:
         return map_in_threads(lambda j: score(tasks[j]), len(tasks), threads)
 
     was_training = learner.training
@@ -130,7 +130,7 @@ def evaluate(
                     sampler.episode(i).to(device)
                     for i in range(start, min(start + chunk, episodes))
                 ]
-                for value in scores_of(tasks):
+                for value in scores_in_threads(tasks):
                     scores.append(value)
                     bar.update()
     finally:

@@ -8,7 +8,6 @@ learner ready to ``adapt``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,26 +331,33 @@ def load_learner(
     return learner.to(resolve_device(device)).eval()
 
 
+# torch's own choice (the physical cores it may use), read before any run config changes it.
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
 def _apply_threads(cfg: RunConfig) -> None:
     if cfg.threads is not None:
         # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
         # on a busy machine can make them 10-30x slower.
         torch.set_num_threads(cfg.threads)
-    else:
-        share_cores(getattr(cfg.algorithm, "task_threads", 1))
+    elif getattr(cfg.algorithm, "task_threads", 1) > 1:
+        share_cores(cfg.algorithm.task_threads)  # type: ignore[union-attr]
 
 
-def share_cores(task_threads: int) -> None:
-    """Give each of ``task_threads`` task threads its share of the cores as intra-op threads
-    (nothing for one: torch's own choice stands).
+def share_cores(task_threads: int) -> int:
+    """Give each of ``task_threads`` task threads its share of torch's default intra-op thread
+    count (the process's count when metaml was imported); returns the count set.
 
-    Every task thread runs its own intra-op threads, so more would oversubscribe the CPU.
+    Every task thread runs its own intra-op threads, so more would oversubscribe the CPU; with
+    one task thread this restores the default.
 
     Example:
-        >>> share_cores(1)
+        >>> share_cores(1) == _DEFAULT_THREADS
+        True
     """
-    if task_threads > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // task_threads))
+    threads = max(1, _DEFAULT_THREADS // task_threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:

@@ -32,8 +32,10 @@ import contextlib
 import copy
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import TypeVar
 
 import torch
@@ -48,7 +50,7 @@ T = TypeVar("T")
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
-# In a task thread: ``in_task`` is set and ``replicas`` maps id(module) to (weakref, replica).
+# In a task thread: ``in_task`` is set and ``replicas`` maps a module to its replica.
 _LOCAL = threading.local()
 
 
@@ -77,15 +79,18 @@ def check_task_threads(task_threads: int, model: nn.Module) -> int:
 def map_in_threads(fn: Callable[[int], T], count: int, threads: int) -> Iterator[T]:
     """``fn(0), ..., fn(count - 1)`` on ``threads`` threads, yielded in that order.
 
-    With ``threads=1`` this is ``map(fn, range(count))`` on the calling thread. Otherwise the
-    calls run on a pool of ``threads`` threads kept for the process, under the caller's grad
-    mode and autocast; an exception in a call is raised when its result is reached.
+    With ``threads=1``, or when called from a task thread (nested calls run there, in turn),
+    this is ``map(fn, range(count))`` on the calling thread. Otherwise the calls run on a pool
+    of ``threads`` threads kept for the process, under the caller's grad and inference modes,
+    autocast, intra-op thread count and CUDA device and stream. At most ``2 * threads`` calls
+    are handed out ahead of the one being yielded, so finished results do not pile up. An
+    exception in a call is raised when its result is reached.
 
     Example:
         >>> list(map_in_threads(lambda i: i * i, 4, threads=2))
         [0, 1, 4, 9]
     """
-    if threads == 1:
+    if threads == 1 or getattr(_LOCAL, "in_task", False):
         return map(fn, range(count))
     enter_callers_modes = _callers_modes()
 
@@ -94,7 +99,19 @@ def map_in_threads(fn: Callable[[int], T], count: int, threads: int) -> Iterator
         with enter_callers_modes():
             return fn(index)
 
-    return _pool(threads).map(run, range(count))
+    return _in_order(_pool(threads), run, count, ahead=2 * threads)
+
+
+def _in_order(
+    pool: ThreadPoolExecutor, run: Callable[[int], T], count: int, ahead: int
+) -> Iterator[T]:
+    indices = iter(range(count))
+    pending: deque[Future[T]] = deque(pool.submit(run, i) for i in islice(indices, ahead))
+    while pending:
+        done = pending.popleft()
+        for index in islice(indices, 1):
+            pending.append(pool.submit(run, index))
+        yield done.result()
 
 
 def call_module(module: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -103,7 +120,9 @@ def call_module(module: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Ten
     On the calling thread of :func:`map_in_threads` (or anywhere else) this is exactly
     ``functional_call``. In a task thread it calls this thread's replica of ``module``, passing
     ``module``'s own parameters and buffers under ``tensors``, so the result is the same and the
-    shared module is never touched.
+    shared module is never swapped. The buffers themselves are shared: a forward that writes to
+    them (BatchNorm updating running statistics in training mode) is not safe on task threads;
+    the gradient-based learners normalise with batch statistics and write none.
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -118,13 +137,16 @@ def call_module(module: nn.Module, tensors: dict[str, Tensor], x: Tensor) -> Ten
 
 
 def _replica(module: nn.Module) -> nn.Module:
-    """This thread's copy of ``module``'s structure, in ``module``'s train/eval modes."""
-    replicas: dict[int, tuple[weakref.ref[nn.Module], nn.Module]]
-    replicas = _LOCAL.__dict__.setdefault("replicas", {})
-    ref, replica = replicas.get(id(module), (None, None))
-    if replica is None or ref is None or ref() is not module:  # new, or the id was reused
-        replica = _tensorless_copy(module)
-        replicas[id(module)] = (weakref.ref(module), replica)
+    """This thread's copy of ``module``'s structure, in ``module``'s train/eval modes.
+
+    Made on the thread's first call of ``module`` and kept while ``module`` lives: a change to
+    its structure after that (new submodules, hooks) is not seen by the replica.
+    """
+    replicas: weakref.WeakKeyDictionary[nn.Module, nn.Module]
+    replicas = _LOCAL.__dict__.setdefault("replicas", weakref.WeakKeyDictionary())
+    replica = replicas.get(module)
+    if replica is None:
+        replica = replicas[module] = _tensorless_copy(module)
     for mine, theirs in zip(replica.modules(), module.modules(), strict=True):
         mine.training = theirs.training
     return replica
@@ -149,20 +171,33 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _callers_modes() -> Callable[[], contextlib.ExitStack]:
-    """A context factory that enters, on another thread, the grad mode and autocast of this one."""
+    """A context factory that enters, on another thread, the thread-local modes of this one:
+    grad and inference mode, autocast, the intra-op thread count (a pool thread keeps the
+    count it first ran with otherwise) and the current CUDA device and stream."""
     grad_enabled = torch.is_grad_enabled()
-    device_types = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    inference = torch.is_inference_mode_enabled()
+    intra_op = torch.get_num_threads()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    device_types = ["cpu", *(["cuda"] if cuda else [])]
     autocasts = [
         (kind, torch.get_autocast_dtype(kind))
         for kind in device_types
         if torch.is_autocast_enabled(kind)
     ]
+    stream = torch.cuda.current_stream() if cuda else None
 
     def enter() -> contextlib.ExitStack:
+        if torch.get_num_threads() != intra_op:
+            torch.set_num_threads(intra_op)
         stack = contextlib.ExitStack()
+        if inference:  # first: inference_mode also sets grad mode
+            stack.enter_context(torch.inference_mode())
         stack.enter_context(torch.set_grad_enabled(grad_enabled))
         for kind, dtype in autocasts:
             stack.enter_context(torch.autocast(kind, dtype=dtype))
+        if stream is not None:
+            stack.enter_context(torch.cuda.device(stream.device))
+            stack.enter_context(torch.cuda.stream(stream))
         return stack
 
     return enter

@@ -8,16 +8,18 @@ meta-batch is processed with ``vmap`` or a Python loop (``vectorize``), and the 
 ``first_order=True``).
 
 Memory: while training, the loop path computes each task's meta-gradient as soon as its query
-loss is known and frees its graph, so one task's graph is alive at a time instead of the whole
-meta-batch's; the meta-gradient is the same as ``vmap``'s (tested). ``low_memory=True`` always
-takes that path: never ``vmap``, whose batched graph holds every task, nor ``compile``.
+loss is known and frees its graph, so one task's graph (one per task thread) is alive at a time
+instead of the whole meta-batch's; the meta-gradient is the same as ``vmap``'s (tested).
+``low_memory=True`` always takes that path: never ``vmap``, whose batched graph holds every
+task, nor ``compile``.
 
 Task threads: ``task_threads=N`` computes N of the meta-batch's tasks at once on the loop
-path while training, and :func:`metaml.evaluate.evaluate` adapts N episodes at once, one per
-thread (:mod:`metaml.threads`); the meta-gradient and the scores are those of one thread,
-summed in task order. On a CPU give each task thread one core (a run does so unless its
-config sets ``threads``): conv4 MAML then trains about twice as fast on two cores as on one,
-where torch's intra-op threads gain little on such small convolutions (docs/speed.md).
+path while training (N > 1 always takes the loop, and excludes ``compile`` and ``vmap``), and
+:func:`metaml.evaluate.evaluate` adapts N episodes at once, one per thread
+(:mod:`metaml.threads`); the meta-gradient and the scores are those of one thread, summed in
+task order. On a CPU give each task thread one core (a run does so unless its config sets
+``threads``): conv4 MAML then trains about twice as fast on two cores as on one, where torch's
+intra-op threads gain little on such small convolutions (docs/speed.md).
 
 Compilation: ``compile=True`` runs the meta-batch (inner loop and query loss, with ``vmap`` or
 the loop) through ``torch.compile``; the inner gradients are part of the compiled forward graph
@@ -124,6 +126,11 @@ class GradientBasedLearner(MetaLearner):
         super().__init__()
         _check_args(task_type, inner_lr, inner_steps, test_inner_steps)
         self.task_threads = check_task_threads(task_threads, model)
+        if self.task_threads > 1 and (compile or vectorize == "vmap"):
+            raise UserError(
+                "task_threads > 1 runs the meta-batch as a loop of tasks, one per thread; "
+                "it excludes compile=True and vectorize='vmap' (set task_threads to 1 for those)"
+            )
         self.model = use_batch_statistics_(model)
         self.task_type = task_type
         self.inner_lr = float(inner_lr)
@@ -250,8 +257,9 @@ class GradientBasedLearner(MetaLearner):
             >>> learner.meta_loss_with_outputs(b)[2].shape
             torch.Size([2, 5, 1])
         """
-        mode = "loop" if self.low_memory else self.chooser.next_mode()
-        if mode == "loop" and torch.is_grad_enabled() and (self.low_memory or not self.use_compile):
+        per_task = self.low_memory or self.task_threads > 1
+        mode = "loop" if per_task else self.chooser.next_mode()
+        if mode == "loop" and torch.is_grad_enabled() and (per_task or not self.use_compile):
             # Each task's meta-gradient right away: one task's graph alive at a time (3.5x less
             # peak memory on 5-step conv4 MAML) and no slower than one backward at the end.
             return self._meta_loss_per_task(batch)
@@ -278,7 +286,9 @@ class GradientBasedLearner(MetaLearner):
         """``meta_loss`` with one task's graph alive at a time (the loop path while training).
 
         Each task's meta-gradient is computed right away with ``torch.autograd.grad`` and its
-        graph freed, so one task's graph is alive at a time instead of the whole batch's.
+        graph freed, so one task's graph is alive at a time instead of the whole batch's (with
+        ``task_threads``, one per thread, and the gradients of at most ``2 * task_threads``
+        finished tasks waiting for their turn in the sum).
         (Recomputing the query pass with ``torch.utils.checkpoint`` saved no memory on top of
         that, since its activations and the inner loop's graph are alive together either way,
         and cost 30% of the time.) The returned loss has the mean query loss as its
@@ -289,18 +299,16 @@ class GradientBasedLearner(MetaLearner):
         params = [p for p in self.parameters() if p.requires_grad]
         tasks = len(batch)
 
-        def one(i: int) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
-            sx, sy = batch.support_x[i], batch.support_y[i]
-            fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
-            out = self._predict(fast, self._embed(batch.query_x[i]), self.inner_steps)
-            loss = task_loss(self.task_type, out, batch.query_y[i])
+        def task_gradients(i: int) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+            task = batch.task(i)
+            loss, out = self._task(task.support_x, task.support_y, task.query_x, task.query_y)
             grads = torch.autograd.grad(loss / tasks, params, allow_unused=True)
             return loss.detach(), out.detach(), grads
 
         sums: list[Tensor] = [torch.zeros_like(p) for p in params]
         losses, outputs = [], []
         # In task order whatever thread computed them: the sums do not depend on task_threads.
-        for loss, out, grads in map_in_threads(one, tasks, self.task_threads):
+        for loss, out, grads in map_in_threads(task_gradients, tasks, self.task_threads):
             for total, g in zip(sums, grads, strict=True):
                 if g is not None:
                     total.add_(g)
