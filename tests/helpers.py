@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+import torch
 
 from metaml import runs
 from metaml.cli import main
 from metaml.config import load_config
+from metaml.tasks import TaskBatch
 
 if TYPE_CHECKING:
     from metaml.automl.knowledge import MetaKnowledge
@@ -77,3 +79,26 @@ def four_kinds_knowledge(seed: int = 0) -> MetaKnowledge:
     names = [f"d{i}" for i in range(len(kind))]
     mf = rng.normal(size=(len(kind), 2))
     return MetaKnowledge(names, names, ["f0", "f1"], mf, cands, scores, np.zeros_like(scores), {})
+
+
+def conv_batch(tasks: int = 3) -> TaskBatch:
+    """A float64 5-way batch of random 28x28 images: 1 shot, 2 queries per class."""
+    g = torch.Generator().manual_seed(0)
+    return TaskBatch(
+        torch.randn(tasks, 5, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 1),
+        torch.randn(tasks, 10, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(5).repeat(tasks, 2),
+    )
+
+
+def meta_gradient(
+    learner: torch.nn.Module, batch: TaskBatch
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """``meta_loss`` metrics and the meta-gradient of every trainable parameter (an unused one,
+    such as the model's BatchNorm under per_step_bn, counts as 0)."""
+    learner.zero_grad()
+    loss, metrics = learner.meta_loss(batch)  # type: ignore[operator]
+    loss.backward()
+    params = [p for p in learner.parameters() if p.requires_grad]
+    return metrics, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import conv_batch, meta_gradient
 
 from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
 from metaml.nn import create_backbone
 from metaml.tasks import TaskBatch
-
-
-def _batch(tasks: int = 3) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-    return TaskBatch(
-        torch.randn(tasks, 5, 1, 28, 28, generator=g, dtype=torch.float64),
-        torch.arange(5).repeat(tasks, 1),
-        torch.randn(tasks, 10, 1, 28, 28, generator=g, dtype=torch.float64),
-        torch.arange(5).repeat(tasks, 2),
-    )
-
-
-def _grads(learner: torch.nn.Module, batch: TaskBatch) -> tuple[float, list[torch.Tensor]]:
-    learner.zero_grad()
-    loss, metrics = learner.meta_loss(batch)  # type: ignore[operator]
-    loss.backward()
-    params = [p for p in learner.parameters() if p.requires_grad]
-    # An unused parameter (model BatchNorm under per_step_bn) has no gradient: count it as 0.
-    return metrics["loss"], [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
 
 
 @pytest.mark.parametrize(
@@ -42,17 +24,17 @@ def _grads(learner: torch.nn.Module, batch: TaskBatch) -> tuple[float, list[torc
 def test_per_task_loop_gives_the_vmap_meta_gradient(cls: type, kwargs: dict) -> None:
     """The loop frees each task's graph after its own backward (``low_memory`` forces the loop);
     the meta-gradient equals vmap's, which differentiates the whole batch's graph at once."""
-    batch = _batch()
+    batch = conv_batch()
 
     def learner(**options: object) -> torch.nn.Module:
         torch.manual_seed(0)
         net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
         return cls(net.double(), inner_lr=0.4, **kwargs, **options).double()  # type: ignore[no-any-return]
 
-    loss_ref, ref = _grads(learner(vectorize="vmap"), batch)
+    metrics_ref, ref = meta_gradient(learner(vectorize="vmap"), batch)
     for options in ({"vectorize": "loop"}, {"vectorize": "auto", "low_memory": True}):
-        loss, got = _grads(learner(**options), batch)
-        assert loss == pytest.approx(loss_ref, rel=1e-12)
+        metrics, got = meta_gradient(learner(**options), batch)
+        assert metrics["loss"] == pytest.approx(metrics_ref["loss"], rel=1e-12)
         assert len(ref) == len(got)
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -62,7 +44,7 @@ def test_low_memory_off_the_training_path_is_the_ordinary_loss() -> None:
     net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
     learner = MAML(net, inner_lr=0.4, low_memory=True, vectorize="loop")
     with torch.no_grad():
-        loss, metrics = learner.meta_loss(_batch(2))
+        loss, metrics = learner.meta_loss(conv_batch(2))
     assert not loss.requires_grad and set(metrics) == {"loss", "acc"}
 
 

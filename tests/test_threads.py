@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import conv_batch, meta_gradient
 
 from metaml import UserError
 from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
 from metaml.nn import create_backbone
-from metaml.tasks import TaskBatch
 from metaml.threads import call_module, map_in_threads
 
 
@@ -23,24 +23,6 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _batch(tasks: int = 5) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-    return TaskBatch(
-        torch.randn(tasks, 5, 1, 28, 28, generator=g, dtype=torch.float64),
-        torch.arange(5).repeat(tasks, 1),
-        torch.randn(tasks, 10, 1, 28, 28, generator=g, dtype=torch.float64),
-        torch.arange(5).repeat(tasks, 2),
-    )
-
-
-def _meta_gradient(learner: torch.nn.Module, batch: TaskBatch) -> tuple[dict, list[torch.Tensor]]:
-    learner.zero_grad()
-    loss, metrics = learner.meta_loss(batch)  # type: ignore[operator]
-    loss.backward()
-    params = [p for p in learner.parameters() if p.requires_grad]
-    return metrics, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
 
 @pytest.mark.usefixtures("one_intra_op_thread")
@@ -55,7 +37,7 @@ def _meta_gradient(learner: torch.nn.Module, batch: TaskBatch) -> tuple[dict, li
     ],
 )
 def test_task_threads_give_the_one_thread_meta_gradient_exactly(cls: type, kwargs: dict) -> None:
-    batch = _batch()
+    batch = conv_batch(5)
     results, callers = [], []
     for threads in (1, 2, 3):
         torch.manual_seed(0)
@@ -66,7 +48,7 @@ def test_task_threads_give_the_one_thread_meta_gradient_exactly(cls: type, kwarg
         net.head.register_forward_pre_hook(
             lambda *_, names=names: names.add(threading.current_thread().name)
         )
-        results.append(_meta_gradient(learner.double(), batch))
+        results.append(meta_gradient(learner.double(), batch))
         callers.append(names)
     (metrics, reference), *threaded = results
     assert any(g.abs().sum() > 0 for g in reference)
@@ -82,7 +64,7 @@ def test_task_threads_leave_the_shared_model_untouched() -> None:
     net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
     learner = MAML(net, inner_lr=0.4, vectorize="loop", task_threads=2)
     before = {n: (p, p.detach().clone()) for n, p in learner.named_parameters()}
-    learner.meta_loss(_batch(4))[0].backward()
+    learner.meta_loss(conv_batch(4))[0].backward()
     for name, p in learner.named_parameters():
         same_tensor, value = before[name]
         assert p is same_tensor and torch.equal(p, value) and p.grad is not None
@@ -124,7 +106,7 @@ def test_nested_task_threads_run_in_turn_instead_of_waiting_on_the_pool() -> Non
 def test_task_threads_take_the_loop_and_refuse_vmap_and_compile() -> None:
     net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
     learner = MAML(net, inner_lr=0.4, task_threads=2)  # vectorize="auto"
-    learner.meta_loss(_batch(2))
+    learner.meta_loss(conv_batch(2))
     assert learner.chooser.choice is None  # never timed vmap: the loop was taken
     for options in ({"vectorize": "vmap"}, {"compile": True}):
         with pytest.raises(UserError, match="excludes compile=True and vectorize='vmap'"):
