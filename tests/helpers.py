@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from metaml import runs
+from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
 from metaml.cli import main
 from metaml.config import load_config
 from metaml.tasks import TaskBatch
@@ -102,3 +103,14 @@ def meta_gradient(
     loss.backward()
     params = [p for p in learner.parameters() if p.requires_grad]
     return metrics, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+#: (learner class, options): the gradient-based variants whose meta-gradients are compared
+#: across execution paths (vmap, the per-task loop, task threads).
+GRADIENT_LEARNER_CASES = [
+    (MAML, {"inner_steps": 2}),
+    (MAML, {"inner_steps": 2, "first_order": True}),
+    (MAML, {"inner_steps": 2, "per_step_bn": True, "learn_inner_lr": True}),
+    (MetaSGD, {"inner_steps": 1}),
+    (ANIL, {"inner_steps": 2}),
+]

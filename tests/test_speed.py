@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import conv_batch, meta_gradient
+from helpers import GRADIENT_LEARNER_CASES, conv_batch, meta_gradient
 
-from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
+from metaml.algorithms.gbml import MAML
 from metaml.nn import create_backbone
 from metaml.tasks import TaskBatch
 
 
-@pytest.mark.parametrize(
-    ("cls", "kwargs"),
-    [
-        (MAML, {"inner_steps": 2}),
-        (MAML, {"inner_steps": 2, "first_order": True}),
-        (MAML, {"inner_steps": 2, "per_step_bn": True, "learn_inner_lr": True}),
-        (MetaSGD, {"inner_steps": 1}),
-        (ANIL, {"inner_steps": 2}),
-    ],
-)
+@pytest.mark.parametrize(("cls", "kwargs"), GRADIENT_LEARNER_CASES)
 def test_per_task_loop_gives_the_vmap_meta_gradient(cls: type, kwargs: dict) -> None:
     """The loop frees each task's graph after its own backward (``low_memory`` forces the loop);
     the meta-gradient equals vmap's, which differentiates the whole batch's graph at once."""

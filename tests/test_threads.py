@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import conv_batch, meta_gradient
+from helpers import GRADIENT_LEARNER_CASES, conv_batch, meta_gradient
 
 from metaml import UserError
-from metaml.algorithms.gbml import ANIL, MAML, MetaSGD
+from metaml.algorithms.gbml import MAML
 from metaml.nn import create_backbone
 from metaml.threads import call_module, map_in_threads
 
@@ -26,16 +26,7 @@ def one_intra_op_thread() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("one_intra_op_thread")
-@pytest.mark.parametrize(
-    ("cls", "kwargs"),
-    [
-        (MAML, {"inner_steps": 2}),
-        (MAML, {"inner_steps": 2, "first_order": True}),
-        (MAML, {"inner_steps": 2, "per_step_bn": True, "learn_inner_lr": True}),
-        (MetaSGD, {"inner_steps": 1}),
-        (ANIL, {"inner_steps": 2}),
-    ],
-)
+@pytest.mark.parametrize(("cls", "kwargs"), GRADIENT_LEARNER_CASES)
 def test_task_threads_give_the_one_thread_meta_gradient_exactly(cls: type, kwargs: dict) -> None:
     batch = conv_batch(5)
     results, callers = [], []
