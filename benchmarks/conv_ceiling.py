@@ -17,8 +17,6 @@ Run from the repository root (quiet machine)::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import append_section, machine
-from benchmarks.run import matmul_peak
+from benchmarks.run import matmul_peak, seconds_per_call
 
 # (input channels, map size) of conv4's four convolutions on 28x28 inputs, 64 filters each.
 LAYERS = [(1, 28), (64, 14), (64, 7), (64, 3)]
@@ -59,26 +57,6 @@ def conv_ops(
         "input grad": grads([True, False]),
         "weight grad": grads([False, True]),
     }
-
-
-def seconds_per_call(call: Callable[[], Any], runs: int, min_seconds: float = 0.05) -> float:
-    """Median seconds of one call, each run repeating it for about ``min_seconds``.
-
-    Example:
-        >>> seconds_per_call(lambda: None, runs=1, min_seconds=0.001) >= 0
-        True
-    """
-    call()
-    start = time.perf_counter()
-    call()
-    reps = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(reps):
-            call()
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
 
 
 def measure(quick: bool = False) -> dict[str, Any]:

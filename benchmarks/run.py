@@ -124,11 +124,32 @@ def conv4_forward_flops(images: int, ways: int, hidden: int = 64, size: int = 28
     return images * (total + 2 * hidden * h * h * ways)
 
 
+def seconds_per_call(call: Callable[[], Any], runs: int, min_seconds: float = 0.05) -> float:
+    """Median seconds of one call, each run repeating it for about ``min_seconds`` (the number
+    of repeats sized from one call after a warm-up).
+
+    Example:
+        >>> seconds_per_call(lambda: None, runs=1, min_seconds=0.001) >= 0
+        True
+    """
+    call()
+    start = time.perf_counter()
+    call()
+    reps = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
 def matmul_peak(dtype: torch.dtype, n: int, runs: int) -> float:
     """Median GFLOP/s of an ``n x n`` matmul in ``dtype`` (the machine's practical peak).
 
-    Each timed run repeats the matmul for about 0.2 s (sized from the warm-up call), so a
-    slow path (bf16 without bf16 units) costs seconds, not minutes.
+    Each timed run repeats the matmul for about 0.2 s, so a slow path (bf16 without bf16
+    units) costs seconds, not minutes.
 
     Example:
         >>> matmul_peak(torch.float32, 64, runs=1) > 0
@@ -136,16 +157,8 @@ def matmul_peak(dtype: torch.dtype, n: int, runs: int) -> float:
     """
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     out = torch.empty(n, n, dtype=dtype)
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)
-    reps = max(1, int(0.2 / (time.perf_counter() - start)))
-    rates = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        rates.append(2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+    seconds = seconds_per_call(lambda: torch.mm(a, b, out=out), runs, min_seconds=0.2)
+    return 2 * n**3 / seconds / 1e9
 
 
 def peak_rss_mb() -> float:

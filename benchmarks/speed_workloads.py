@@ -449,13 +449,14 @@ def adaptation_impls(
     learner = MAML(copy.deepcopy(base), inner_lr=0.4, inner_steps=1, vectorize="loop")
     learner.eval()
 
+    def score(i: int) -> float:
+        t = episodes[i]
+        predict = learner.adapt(t.support_x, t.support_y, steps=steps)
+        with torch.no_grad():
+            return learner.score(predict(t.query_x), t.query_y)
+
     def run_metaml() -> float:
-        correct = 0.0
-        for t in episodes:
-            predict = learner.adapt(t.support_x, t.support_y, steps=steps)
-            with torch.no_grad():
-                correct += learner.score(predict(t.query_x), t.query_y)
-        return correct / len(episodes)
+        return sum(map(score, range(len(episodes)))) / len(episodes)
 
     stacked = TaskBatch.stack(episodes)
 
@@ -507,12 +508,6 @@ def adaptation_impls(
         return correct / len(episodes)
 
     def run_metaml_threads() -> float:
-        def score(i: int) -> float:
-            t = episodes[i]
-            predict = learner.adapt(t.support_x, t.support_y, steps=steps)
-            with torch.no_grad():
-                return learner.score(predict(t.query_x), t.query_y)
-
         return sum(map_in_threads(score, len(episodes), task_threads)) / len(episodes)
 
     if task_threads > 1:  # the whole CPU: see adaptation_impls_all_cores

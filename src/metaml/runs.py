@@ -336,12 +336,13 @@ _DEFAULT_THREADS = torch.get_num_threads()
 
 
 def _apply_threads(cfg: RunConfig) -> None:
+    task_threads: int = getattr(cfg.algorithm, "task_threads", 1)
     if cfg.threads is not None:
         # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
         # on a busy machine can make them 10-30x slower.
         torch.set_num_threads(cfg.threads)
-    elif getattr(cfg.algorithm, "task_threads", 1) > 1:
-        share_cores(cfg.algorithm.task_threads)  # type: ignore[union-attr]
+    elif task_threads > 1:
+        share_cores(task_threads)
 
 
 def share_cores(task_threads: int) -> int:

@@ -2,18 +2,18 @@
 
 A meta-batch's tasks are independent until their meta-gradients are summed. On a CPU, one
 task of a small network (conv4 on 28x28 images: 1-64 channels, maps down to 3x3) keeps one
-core busy but does not speed up with more intra-op threads, whose per-operation hand-offs cost
-as much as they save; two tasks on two threads do run twice as fast (docs/speed.md). PyTorch
-releases the GIL inside its kernels and runs a CPU backward on the calling thread, so Python
-threads are enough.
+core busy but gains little or loses from more intra-op threads, whose per-operation hand-offs
+cost about what they save; two tasks on two threads run 1.6-2.1x as fast as one after the other
+(docs/speed.md). PyTorch releases the GIL inside its kernels and runs a CPU backward on the
+calling thread, so Python threads are enough.
 
 Two things are per thread and handled here:
 
 * ``torch.func.functional_call`` swaps the tensors of the module it calls while it runs, so
   two threads must not call one module: in a task thread :func:`call_module` calls a replica of
   it that owns no tensors, with every tensor of the real module passed in.
-* autocast and grad mode are thread-local: :func:`map_in_threads` hands the caller's to its
-  threads.
+* grad and inference mode, autocast, the intra-op thread count and the CUDA device and stream
+  are thread-local: :func:`map_in_threads` hands the caller's to its threads.
 
 Results come back in task order, so sums over tasks are formed in the same order as in a plain
 loop, whatever order the threads finish in.
