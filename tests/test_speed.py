@@ -1,4 +1,5 @@
-"""The speed options keep MAML's meta-gradients: low-memory mode and bf16 autocast training."""
+"""The speed options keep MAML's meta-gradients: low-memory mode, channels-last inputs and
+bf16 autocast training."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import pytest
 import torch
 from helpers import GRADIENT_LEARNER_CASES, conv_batch, meta_gradient
 
-from metaml.algorithms.gbml import MAML
-from metaml.nn import create_backbone
+from metaml.algorithms.gbml import ANIL, FOMAML, MAML
+from metaml.algorithms.protonet import ProtoNet
+from metaml.nn import channels_last_input, create_backbone
 from metaml.tasks import TaskBatch
+
+CL = torch.channels_last
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), GRADIENT_LEARNER_CASES)
 def test_per_task_loop_gives_the_vmap_meta_gradient(cls: type, kwargs: dict) -> None:
-    """The loop frees each task's graph after its own backward (``low_memory`` forces the loop);
-    the meta-gradient equals vmap's, which differentiates the whole batch's graph at once."""
+    """The loop frees each task's graph after its own backward (``low_memory`` forces the loop)
+    and gives conv4 channels-last inputs; the meta-gradient equals vmap's, which
+    differentiates the whole batch's graph at once in the default layout."""
     batch = conv_batch()
 
     def learner(**options: object) -> torch.nn.Module:
@@ -29,6 +34,86 @@ def test_per_task_loop_gives_the_vmap_meta_gradient(cls: type, kwargs: dict) -> 
         assert len(ref) == len(got)
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    # A 1-channel batch is "contiguous" in both layouts; its strides tell which one it is in.
+    return x.stride(1) == 1 and x.is_contiguous(memory_format=CL)
+
+
+def test_channels_last_input_only_for_models_and_batches_it_pays_for() -> None:
+    conv4, mlp = create_backbone("conv4"), create_backbone("mlp")
+    x = torch.rand(5, 1, 28, 28)
+    y = channels_last_input(conv4, x)
+    assert _is_channels_last(y) and not _is_channels_last(x) and torch.equal(x, y)
+    assert _is_channels_last(channels_last_input(conv4, torch.rand(2, 3, 8, 8)))
+    assert channels_last_input(mlp, x) is x  # not a model that prefers it
+    flat, labels = torch.rand(5, 784), torch.zeros(5, 1, 28, 28, dtype=torch.long)
+    assert channels_last_input(conv4, flat) is flat and channels_last_input(conv4, labels) is labels
+    same = []
+
+    def inside(batch: torch.Tensor) -> torch.Tensor:
+        same.append(channels_last_input(conv4, batch) is batch)
+        return batch.sum()
+
+    torch.func.vmap(inside)(x[None])
+    assert same == [True]  # untouched under torch.func transforms
+
+
+def test_conv4_computes_the_same_function_on_channels_last_inputs() -> None:
+    torch.manual_seed(0)
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False).double()
+    x = torch.randn(10, 1, 28, 28, dtype=torch.float64)
+    outputs = [net(v) for v in (x, channels_last_input(net, x))]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(o.square().sum(), list(net.parameters())) for o in outputs]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "support_layouts"),
+    [
+        (MAML, {}, [False, False]),  # second order: the support pass is differentiated twice
+        (FOMAML, {}, [True, True]),
+        (ANIL, {}, [True]),  # the inner steps adapt the head only: the backbone runs once
+    ],
+)
+def test_gradient_learners_pick_the_layout_per_pass(
+    cls: type, kwargs: dict, support_layouts: list[bool]
+) -> None:
+    """Channels-last for every conv4 pass but a second-order step's support pass (whose
+    BatchNorm double backward is slower in that layout); the same in adaptation."""
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
+    learner = cls(net, inner_lr=0.4, inner_steps=2, vectorize="loop", **kwargs)
+    seen: list[tuple[int, bool]] = []
+    net.features[0].register_forward_pre_hook(
+        lambda _, args: seen.append((len(args[0]), _is_channels_last(args[0])))
+    )
+    b = conv_batch(1)  # 5 support images, 10 queries
+    batch = TaskBatch(b.support_x.float(), b.support_y, b.query_x.float(), b.query_y)
+    learner.meta_loss(batch)[0].backward()
+    assert [cl for n, cl in seen if n == 5] == support_layouts
+    assert [cl for n, cl in seen if n == 10] == [True]
+    seen.clear()
+    learner.adapt(batch.support_x[0], batch.support_y[0], steps=1)(batch.query_x[0])
+    assert [cl for _, cl in seen] == [True, True]  # one support pass (1 step), one query pass
+
+
+def test_protonet_loss_and_gradient_are_the_same_in_either_layout() -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("conv4", num_outputs=0, hidden=8).double()
+    learner = ProtoNet(backbone).double()
+    batch = conv_batch(2)
+    results = []
+    for prefers in (True, False):
+        backbone.prefers_channels_last = prefers
+        loss, _ = learner.meta_loss(batch)
+        results.append((loss, torch.autograd.grad(loss, list(learner.parameters()))))
+    (loss_cl, grads_cl), (loss_ref, grads_ref) = results
+    torch.testing.assert_close(loss_cl, loss_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_cl, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_low_memory_off_the_training_path_is_the_ordinary_loss() -> None:

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from metaml.errors import UserError
-from metaml.nn.backbones import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from metaml.nn.backbones import BatchNorm1d, BatchNorm2d, BatchNorm3d, _inside_transform
 
 Params: TypeAlias = dict[str, Tensor]
 Rate: TypeAlias = float | Tensor
@@ -87,11 +87,6 @@ def inner_gradients(
 # Outside vmap (the loop path, test-time adaptation) plain autograd gives the same gradients
 # as torch.func.grad without its per-operation dispatch through the functorch layer.
 _AUTOGRAD_OUTSIDE_TRANSFORMS = True
-
-
-def _inside_transform() -> bool:
-    """Whether a torch.func transform (vmap, grad) is active or torch.compile is tracing."""
-    return bool(torch._C._functorch.get_interpreter_stack()) or torch.compiler.is_compiling()
 
 
 def _autograd_gradients(loss_at: LossAt, params: Params, step: int, first_order: bool) -> Params:

@@ -69,6 +69,7 @@ from metaml.functional import (
     use_batch_statistics_,
     vmap_safe,
 )
+from metaml.nn.backbones import channels_last_input
 from metaml.tasks import TaskBatch
 from metaml.threads import call_module, check_task_threads, map_in_threads
 
@@ -165,6 +166,20 @@ class GradientBasedLearner(MetaLearner):
         """The input of the adapted computation (ANIL: the backbone's features)."""
         return x
 
+    # Whether the inner steps run the backbone (ANIL's adapt only the head), so that a
+    # second-order step differentiates the backbone's support pass twice.
+    _inner_steps_run_backbone = True
+
+    def _inputs(self, x: Tensor, support: bool = False) -> Tensor:
+        """``x`` in the backbone's fastest layout (:func:`~metaml.nn.channels_last_input`),
+        except for a support pass that a second-order step differentiates twice: there
+        channels-last BatchNorm's double backward is slower (5-step conv4 MAML: 1.18x the
+        default layout's speed this way, 1.09x with every pass channels-last)."""
+        twice = support and self._inner_steps_run_backbone and not self.first_order
+        if twice and torch.is_grad_enabled():
+            return x
+        return channels_last_input(self.model, x)
+
     def _predict(self, fast: Params, x: Tensor, step: int) -> Tensor:
         """Model outputs at the fast parameters (plus step ``step``'s BatchNorm affine)."""
         return call_module(self.model, {**fast, **self._bn_at(step)}, x)
@@ -226,6 +241,7 @@ class GradientBasedLearner(MetaLearner):
 
     def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """One task: (query loss after adaptation, query outputs)."""
+        sx, qx = self._inputs(sx, support=True), self._inputs(qx)
         fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
         outputs = self._predict(fast, self._embed(qx), self.inner_steps)
         return task_loss(self.task_type, outputs, qy), outputs
@@ -348,6 +364,7 @@ class GradientBasedLearner(MetaLearner):
         # torch.func.grad ignores an outer no_grad, so the inner steps still see their
         # gradients, while no graph back to the meta-parameters is recorded.
         with torch.no_grad():
+            support_x = self._inputs(support_x)
             fast = self._adapt_fast(self._embed(support_x), support_y, steps, first_order=True)
             return {n: fast.get(n, p).detach() for n, p in self.model.named_parameters()}
 
@@ -368,11 +385,12 @@ class GradientBasedLearner(MetaLearner):
         """
         steps = self._test_steps(steps)
         with torch.no_grad():
+            support_x = self._inputs(support_x)
             fast = self._adapt_fast(self._embed(support_x), support_y, steps, first_order=True)
             fast = {k: v.detach() for k, v in fast.items()}
 
         def predict(query_x: Tensor) -> Tensor:
-            return self._predict(fast, self._embed(query_x), steps)
+            return self._predict(fast, self._embed(self._inputs(query_x)), steps)
 
         return predict
 
@@ -470,6 +488,8 @@ class ANIL(GradientBasedLearner):
                 "per_step_bn has no effect with ANIL (the backbone does not adapt); set it to false"
             )
         super().__init__(model, **kwargs)
+
+    _inner_steps_run_backbone = False
 
     def _fast_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters() if n.startswith("head.")]

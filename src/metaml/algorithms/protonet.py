@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaml.algorithms.base import MetaLearner, Predictor
+from metaml.nn.backbones import channels_last_input
 from metaml.tasks import TaskBatch
 
 
@@ -44,7 +45,9 @@ class ProtoNet(MetaLearner):
         self.scale = nn.Parameter(torch.tensor(10.0)) if distance == "cosine" else None
 
     def embed(self, x: Tensor) -> Tensor:
-        """Embeddings ``(n, d)`` of inputs ``(n, ...)``."""
+        """Embeddings ``(n, d)`` of inputs ``(n, ...)`` (in the backbone's fastest layout:
+        :func:`~metaml.nn.channels_last_input`)."""
+        x = channels_last_input(self.backbone, x)
         features: Tensor = self.backbone.forward_features(x)  # type: ignore[operator]
         return features.flatten(1)
 
