@@ -138,7 +138,6 @@ def metaml_maml(
     first_order: bool,
     vectorize: str,
     precision: str = "fp32",
-    channels_last: bool = False,
     low_memory: bool = False,
     compile: bool = False,
     task_threads: int = 1,
@@ -149,14 +148,6 @@ def metaml_maml(
         first_order=first_order, vectorize=vectorize, low_memory=low_memory,  # type: ignore[arg-type]
         compile=compile, task_threads=task_threads,
     )  # fmt: skip
-    if channels_last:
-        learner.to(memory_format=torch.channels_last)
-        batch = TaskBatch(
-            *(
-                t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-                for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-            )
-        )
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def body() -> None:
