@@ -8,10 +8,12 @@ implementation on torch's kernels can reach. This script times every convolution
 input gradient and weight gradient (``aten.convolution_backward``), on one thread, beside the
 matmul peak measured in the same process. It reports each kernel's GFLOP/s and the combined
 rate of one forward and backward pass of all four layers at each batch size.
+``--channels-last`` gives the images and gradients channels-last layout, as metaml's conv4
+passes have on the CPU (``metaml.nn.channels_last_input``).
 
 Run from the repository root (quiet machine)::
 
-    flock /tmp/metaml-heavy.lock python -m benchmarks.conv_ceiling --record
+    flock /tmp/metaml-heavy.lock python -m benchmarks.conv_ceiling --record [--channels-last]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ KINDS = ("forward", "input grad", "weight grad")
 
 
 def conv_ops(
-    images: int, channels: int, size: int, hidden: int = 64
+    images: int, channels: int, size: int, hidden: int = 64, channels_last: bool = False
 ) -> dict[str, Callable[[], Any]]:
     """The three kernels of one convolution layer, as zero-argument calls.
 
@@ -42,9 +44,10 @@ def conv_ops(
         >>> sorted(conv_ops(2, 1, 8, hidden=4))
         ['forward', 'input grad', 'weight grad']
     """
-    x = torch.randn(images, channels, size, size)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(images, channels, size, size).clone(memory_format=layout)
     w = torch.randn(hidden, channels, 3, 3)
-    grad_out = torch.randn(images, hidden, size, size)
+    grad_out = torch.randn(images, hidden, size, size).clone(memory_format=layout)
     backward = torch.ops.aten.convolution_backward
 
     def grads(mask: list[bool]) -> Callable[[], Any]:
@@ -59,7 +62,7 @@ def conv_ops(
     }
 
 
-def measure(quick: bool = False) -> dict[str, Any]:
+def measure(quick: bool = False, channels_last: bool = False) -> dict[str, Any]:
     """GFLOP/s of every kernel and of each batch size's whole pass, and the matmul peak."""
     torch.set_num_threads(1)
     hidden, runs = (8, 2) if quick else (64, 7)
@@ -69,7 +72,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
     for images in batches:
         for channels, size in LAYERS:
             flops = 2 * 9 * channels * hidden * size * size * images
-            for kind, call in conv_ops(images, channels, size, hidden).items():
+            ops = conv_ops(images, channels, size, hidden, channels_last)
+            for kind, call in ops.items():
                 seconds = seconds_per_call(call, runs, 0.005 if quick else 0.05)
                 rows.append(
                     {"images": images, "channels": channels, "size": size, "kind": kind,
@@ -83,14 +87,16 @@ def measure(quick: bool = False) -> dict[str, Any]:
             if r["images"] == images and not (r["channels"] == 1 and r["kind"] == "input grad")
         ]  # fmt: skip
         passes[images] = sum(r["flops"] for r in mine) / sum(r["seconds"] for r in mine) / 1e9
-    return {"machine": machine(), "peak": peak, "rows": rows, "passes": passes}
+    layout = "channels-last" if channels_last else "default (NCHW)"
+    return {"machine": machine(), "layout": layout, "peak": peak, "rows": rows, "passes": passes}
 
 
 def render(results: dict[str, Any]) -> str:
     """The Markdown section for RESULTS.md."""
     peak = results["peak"]
     lines = [
-        f"Machine: {results['machine']}; one thread; fp32 matmul peak {peak:.1f} GFLOP/s.",
+        f"Machine: {results['machine']}; one thread; {results['layout']} layout; "
+        f"fp32 matmul peak {peak:.1f} GFLOP/s.",
         "",
         "| images | layer (in channels, map) | " + " | ".join(KINDS) + " |",
         "|---|---|---|---|---|",
@@ -123,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last images")
     args = parser.parse_args(argv)
-    results = measure(args.quick)
+    results = measure(args.quick, args.channels_last)
     text = render(results)
     print(text)
     if args.record and not args.quick:
-        append_section("Convolution ceiling of conv4 (issue 7)", text)
+        layout = ", channels-last" if args.channels_last else ""
+        append_section(f"Convolution ceiling of conv4 (issue 7{layout})", text)
     return results
 
 

@@ -90,3 +90,7 @@ def test_conv_ceiling_times_every_kernel_with_the_counted_flops(
     assert all(r["seconds"] > 0 and r["flops"] > 0 for r in results["rows"])
     text = conv_ceiling.render(results)
     assert text.count("\n| 5 | ") == len(conv_ceiling.LAYERS) and "convolutions alone" in text
+    channels_last = conv_ceiling.measure(quick=True, channels_last=True)
+    assert "channels-last layout" in conv_ceiling.render(channels_last)
+    x = conv_ceiling.conv_ops(3, 2, 6, hidden=4, channels_last=True)["forward"]()
+    assert x.stride(1) == 1  # the convolution ran on (and kept) channels-last images
