@@ -360,13 +360,17 @@ class GradientBasedLearner(MetaLearner):
             >>> torch.equal(p["features.0.weight"], learner.model.features[0].weight)
             True
         """
-        steps = self._test_steps(steps)
+        fast = self._test_fast(support_x, support_y, self._test_steps(steps))
+        return {n: fast.get(n, p).detach() for n, p in self.model.named_parameters()}
+
+    def _test_fast(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
+        """The fast parameters after ``steps`` test-time inner steps, detached."""
         # torch.func.grad ignores an outer no_grad, so the inner steps still see their
         # gradients, while no graph back to the meta-parameters is recorded.
         with torch.no_grad():
             support_x = self._inputs(support_x)
             fast = self._adapt_fast(self._embed(support_x), support_y, steps, first_order=True)
-            return {n: fast.get(n, p).detach() for n, p in self.model.named_parameters()}
+        return {k: v.detach() for k, v in fast.items()}
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Predictor:
         """Adapt to one task; returns ``query_x -> outputs``.
@@ -384,10 +388,7 @@ class GradientBasedLearner(MetaLearner):
             torch.Size([7, 1])
         """
         steps = self._test_steps(steps)
-        with torch.no_grad():
-            support_x = self._inputs(support_x)
-            fast = self._adapt_fast(self._embed(support_x), support_y, steps, first_order=True)
-            fast = {k: v.detach() for k, v in fast.items()}
+        fast = self._test_fast(support_x, support_y, steps)
 
         def predict(query_x: Tensor) -> Tensor:
             return self._predict(fast, self._embed(self._inputs(query_x)), steps)
