@@ -9,7 +9,9 @@ Each workload runs in a fresh subprocess (so peak RSS figures do not mix), where
 implementation of it is warmed up and then timed in interleaved rounds (metaml, higher, plain,
 metaml, ...), so a change of machine load hits all of them alike; each figure is the median of
 the rounds, and ratios are taken between medians of the same subprocess. Peak RSS of workload
-(b), 5-step second-order MAML, is measured in one more subprocess per implementation.
+(b), 5-step second-order MAML, is measured in one more subprocess per implementation. Every
+worker reuses freed CPU memory, as metaml's runs do (``metaml.reuse_cpu_memory``; the
+references in the same process gain from it too); ``protonet-default-malloc`` runs (c) without.
 
 Workloads (see docs/speed.md): (a) sinusoid MAML; (b) conv4 MAML 5-way 1-shot, 1 and 5 steps,
 second and first order; (c) ProtoNet conv4 20-way 1-shot; (d) test-time adaptation of 600
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine
+from metaml.device import reuse_cpu_memory
 
 Step = Callable[[], Any]
 
@@ -358,7 +361,14 @@ def worker_sampling(quick: bool) -> dict[str, Any]:
 def run_worker(
     name: str, quick: bool, impl: str | None, threads_override: int | None = None
 ) -> dict[str, Any]:
-    """Dispatch a worker by workload name (one thread in quick mode: a smoke test on a busy box)."""
+    """Dispatch a worker by workload name (one thread in quick mode: a smoke test on a busy box).
+
+    Every worker reuses freed CPU memory, as metaml's runs do (:func:`metaml.reuse_cpu_memory`;
+    the references in the same process gain from it alike), except a ``-default-malloc``
+    workload, which runs its workload under glibc's defaults to show the difference.
+    """
+    reused = False if name.endswith(DEFAULT_MALLOC) else reuse_cpu_memory()
+    name = name.removesuffix(DEFAULT_MALLOC)
     threads = set_threads(name, 1 if quick else threads_override)
     start = time.perf_counter()
     if impl is not None:
@@ -382,6 +392,7 @@ def run_worker(
         threads=result.get("threads", threads),
         peak_rss_mb=result.get("peak_rss_mb", peak_rss_mb()),
         wall_s=time.perf_counter() - start,
+        reuse_cpu_memory=reused,
     )
     return result
 
@@ -390,7 +401,11 @@ def run_worker(
 
 CONV4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
 CONV4_ALL = [f"{name}-all" for name in CONV4]
-WORKLOADS = ["peak", "sinusoid", *CONV4, *CONV4_ALL, "protonet", "adapt", "adapt-all", "sampling"]
+DEFAULT_MALLOC = "-default-malloc"
+WORKLOADS = [
+    "peak", "sinusoid", *CONV4, *CONV4_ALL, "protonet", f"protonet{DEFAULT_MALLOC}", "adapt",
+    "adapt-all", "sampling",
+]  # fmt: skip
 RSS_IMPLS = ["metaml-loop", "metaml-lowmem", "higher", "plain", "floor"]
 
 
@@ -518,6 +533,15 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"| protonet 20w1s (episodes/s) | {p['threads']} | {rate:.2f} | | | | | | "
             f"{g:.1f} | {g / peak_at(results, p['threads']):.0%} | {p['peak_rss_mb']:.0f} |"
+        )
+    if f"protonet{DEFAULT_MALLOC}" in w:
+        p = w[f"protonet{DEFAULT_MALLOC}"]
+        rate = p["rates"]["metaml"]["median"]
+        g = rate * p["flops_per_episode"] / 1e9
+        lines.append(
+            f"| protonet 20w1s, glibc's default malloc (no `reuse_cpu_memory`) | {p['threads']} "
+            f"| {rate:.2f} | | | | | | {g:.1f} | {g / peak_at(results, p['threads']):.0%} | "
+            f"{p['peak_rss_mb']:.0f} |"
         )
     if "adapt" in w:
         a = w["adapt"]

@@ -6,6 +6,7 @@ No timing is asserted anywhere: only the structure of the results.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,11 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     conv4 = ["conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo"]
     all_cores = [f"{name}-all" for name in conv4]
     assert set(w) == {
-        "peak", "sinusoid", *conv4, *all_cores, "protonet", "adapt", "adapt-all", "sampling"
+        "peak", "sinusoid", *conv4, *all_cores, "protonet", "protonet-default-malloc", "adapt",
+        "adapt-all", "sampling",
     }  # fmt: skip
+    assert w["protonet"]["reuse_cpu_memory"] is (platform.libc_ver()[0] == "glibc")
+    assert w["protonet-default-malloc"]["reuse_cpu_memory"] is False
     for name in ["sinusoid", *conv4, *all_cores]:
         assert {"metaml-loop", "higher", "plain"} <= set(w[name]["rates"]), name
         assert all(r["median"] > 0 and r["runs"] >= 1 for r in w[name]["rates"].values())
@@ -59,6 +63,7 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     table = render(results)
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
     assert "| adapt-all, the same on the whole CPU (seconds) |" in table
+    assert "| protonet 20w1s, glibc's default malloc" in table
     assert done.stdout.count("| conv4-") >= 8  # the table was printed
 
 

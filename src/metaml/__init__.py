@@ -28,6 +28,7 @@ _EXPORTS = {
     "RunConfig": "metaml.config",
     "load_config": "metaml.config",
     "resolve_device": "metaml.device",
+    "reuse_cpu_memory": "metaml.device",
 }
 
 

@@ -235,6 +235,11 @@ class RunConfig(_Strict):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's own choice)"
     )
+    reuse_cpu_memory: bool = Field(
+        True,
+        description="keep freed CPU tensor memory in the process for the next step (glibc): "
+        "no page faults on large activations; the process keeps its peak memory until exit",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = Field(default_factory=MAMLConfig)

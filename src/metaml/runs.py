@@ -20,7 +20,7 @@ from metaml.algorithms import create_learner
 from metaml.algorithms.base import MetaLearner
 from metaml.config import RunConfig, apply_override, config_from_dict
 from metaml.data import ClassDataset, load
-from metaml.device import resolve_device
+from metaml.device import resolve_device, reuse_cpu_memory
 from metaml.engine import Trainer, latest_checkpoint, load_checkpoint
 from metaml.errors import UserError
 from metaml.io import atomic_write_json, atomic_write_text
@@ -282,7 +282,7 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
     """The config's learner for tasks shaped like ``sampler``'s (also applies ``cfg.threads``)."""
-    _apply_threads(cfg)
+    _apply_runtime(cfg)
     return create_learner(
         cfg,
         input_shape=sampler.input_shape,
@@ -325,7 +325,7 @@ def load_learner(
     spec = read_model_spec(run_dir)
     if spec is None:  # a run written before model.json existed: rebuild the shapes from its data
         spec = build_samplers(cfg).model_spec()
-    _apply_threads(cfg)
+    _apply_runtime(cfg)
     learner = learner_from_spec(cfg, spec)
     load_checkpoint(_checkpoint_file(run_dir, checkpoint), learner, restore_rng=False)
     return learner.to(resolve_device(device)).eval()
@@ -335,7 +335,10 @@ def load_learner(
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
-def _apply_threads(cfg: RunConfig) -> None:
+def _apply_runtime(cfg: RunConfig) -> None:
+    """The process-wide CPU settings a run asks for: torch's threads and memory reuse."""
+    if cfg.reuse_cpu_memory:
+        reuse_cpu_memory()
     task_threads: int = getattr(cfg.algorithm, "task_threads", 1)
     if cfg.threads is not None:
         # Small models (the sinusoid MLP) run fastest on one thread; oversubscribed threads
