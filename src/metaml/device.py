@@ -51,7 +51,8 @@ def reuse_cpu_memory() -> bool:
 
     Process-wide and not undone. The cost is memory: the process keeps its high-water mark
     until it exits, and glibc's heap fragments, so the peak can grow (that episode: 675 ->
-    789 MiB; 5-step MAML: unchanged). Runs apply it unless ``reuse_cpu_memory: false``.
+    789 MiB; 5-step MAML: unchanged). Runs apply it (training, evaluation, ``load_learner``)
+    unless their config says ``reuse_cpu_memory: false``.
     Other C libraries (musl, macOS, Windows) are left alone and it returns False.
 
     Example:
