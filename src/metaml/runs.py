@@ -281,7 +281,8 @@ def read_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def build_learner(cfg: RunConfig, sampler: EpisodeSampler) -> MetaLearner:
-    """The config's learner for tasks shaped like ``sampler``'s (also applies ``cfg.threads``)."""
+    """The config's learner for tasks shaped like ``sampler``'s (also applies the config's CPU
+    settings: ``threads`` and ``reuse_cpu_memory``)."""
     _apply_runtime(cfg)
     return create_learner(
         cfg,
