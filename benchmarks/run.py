@@ -368,7 +368,7 @@ def run_worker(
     workload, which runs its workload under glibc's defaults to show the difference.
     """
     reused = False if name.endswith(DEFAULT_MALLOC) else reuse_cpu_memory()
-    name = name.removesuffix(DEFAULT_MALLOC)
+    workload, name = name, name.removesuffix(DEFAULT_MALLOC)
     threads = set_threads(name, 1 if quick else threads_override)
     start = time.perf_counter()
     if impl is not None:
@@ -388,7 +388,7 @@ def run_worker(
     else:
         raise SystemExit(f"unknown workload {name!r}")
     result.update(
-        workload=name,
+        workload=workload,
         threads=result.get("threads", threads),
         peak_rss_mb=result.get("peak_rss_mb", peak_rss_mb()),
         wall_s=time.perf_counter() - start,

@@ -49,6 +49,7 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     }  # fmt: skip
     assert w["protonet"]["reuse_cpu_memory"] is (platform.libc_ver()[0] == "glibc")
     assert w["protonet-default-malloc"]["reuse_cpu_memory"] is False
+    assert all(result["workload"] == name for name, result in w.items())
     for name in ["sinusoid", *conv4, *all_cores]:
         assert {"metaml-loop", "higher", "plain"} <= set(w[name]["rates"]), name
         assert all(r["median"] > 0 and r["runs"] >= 1 for r in w[name]["rates"].values())
