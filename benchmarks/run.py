@@ -526,22 +526,21 @@ def render(results: dict[str, Any]) -> str:
                 f"{bvalue / hi:.2f}x | {bvalue / pl:.2f}x | "
                 f"{bvalue * w[name]['flops_per_task'] / 1e9:.1f} | | |"
             )
-    if "protonet" in w:
-        p = w["protonet"]
+    for name, label in (
+        ("protonet", "protonet 20w1s (episodes/s)"),
+        (
+            f"protonet{DEFAULT_MALLOC}",
+            "protonet 20w1s, glibc's default malloc (no `reuse_cpu_memory`)",
+        ),
+    ):
+        if name not in w:
+            continue
+        p = w[name]
         rate = p["rates"]["metaml"]["median"]
         g = rate * p["flops_per_episode"] / 1e9
         lines.append(
-            f"| protonet 20w1s (episodes/s) | {p['threads']} | {rate:.2f} | | | | | | "
+            f"| {label} | {p['threads']} | {rate:.2f} | | | | | | "
             f"{g:.1f} | {g / peak_at(results, p['threads']):.0%} | {p['peak_rss_mb']:.0f} |"
-        )
-    if f"protonet{DEFAULT_MALLOC}" in w:
-        p = w[f"protonet{DEFAULT_MALLOC}"]
-        rate = p["rates"]["metaml"]["median"]
-        g = rate * p["flops_per_episode"] / 1e9
-        lines.append(
-            f"| protonet 20w1s, glibc's default malloc (no `reuse_cpu_memory`) | {p['threads']} "
-            f"| {rate:.2f} | | | | | | {g:.1f} | {g / peak_at(results, p['threads']):.0%} | "
-            f"{p['peak_rss_mb']:.0f} |"
         )
     if "adapt" in w:
         a = w["adapt"]
