@@ -56,6 +56,9 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     for name in all_cores:  # metaml's tasks on task threads, beside the references on all cores
         assert "metaml-taskthreads" in w[name]["rates"] and w[name]["threads"] >= 1
     assert w["conv4-1-so"]["flops_per_task"] > 0 and w["peak"]["1"]["fp32_gflops"] > 0
+    # every fraction of peak has its own matmul probe, timed in the workload's rounds
+    for name in [*conv4, *all_cores, "protonet", "protonet-default-malloc"]:
+        assert w[name]["peak_gflops"]["median"] > 0 and "matmul-peak" not in w[name]["rates"]
     assert {"metaml-taskthreads", "metaml", "higher-1thread", "plain-1thread"} <= set(
         w["adapt-all"]["seconds"]
     )
@@ -65,6 +68,8 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
     assert "| adapt-all, the same on the whole CPU (seconds) |" in table
     assert "| protonet 20w1s, glibc's default malloc" in table
+    probe = w["protonet"]["peak_gflops"]["median"]
+    assert f"% of {probe:.1f} |" in table.split("| protonet 20w1s (episodes/s)")[1].splitlines()[0]
     assert done.stdout.count("| conv4-") >= 8  # the table was printed
 
 
@@ -100,3 +105,24 @@ def test_conv_ceiling_times_every_kernel_with_the_counted_flops(
     assert "channels-last layout" in conv_ceiling.render(channels_last)
     x = conv_ceiling.conv_ops(3, 2, 6, hidden=4, channels_last=True)["forward"]()
     assert x.stride(1) == 1  # the convolution ran on (and kept) channels-last images
+
+
+def test_conv_ceiling_in_workloads_times_the_convolution_kernels_of_each_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import conv_ceiling
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's count
+    results = conv_ceiling.measure_in_workloads(quick=True)
+    rows = {r["workload"]: r for r in results["rows"]}
+    assert set(rows) == {"conv4-1-so", "conv4-5-so", "conv4-1-fo", "conv4-5-fo", "protonet"}
+    assert all(r["conv_s"] > 0 and r["step_s"] > 0 and r["peak"] > 0 for r in rows.values())
+    # the quick ProtoNet episode: 5 ways x (1 shot + 2 queries) through a 64-wide conv4; its
+    # convolutions' forward, input and weight gradients, but no input gradient of the images
+    images = 15
+    first = 2 * 9 * 1 * 64 * 28 * 28 * images
+    assert rows["protonet"]["conv_flops"] == 3 * conv4_forward_flops(images, ways=0) - first
+    # second order differentiates the inner step's convolutions once more
+    assert rows["conv4-1-so"]["conv_flops"] > rows["conv4-1-fo"]["conv_flops"]
+    text = conv_ceiling.render_in_workloads(results)
+    assert text.count("\n| conv4-") == 4 and "\n| protonet | " in text
