@@ -581,10 +581,10 @@ def render(results: dict[str, Any]) -> str:
         + (" (quick mode: tiny sizes, not a measurement)" if results["quick"] else "")
         + ".",
         "",
-        f"Matmul peak (n={w.get('peak', {}).get('n')}, GFLOP/s) at {peaks}. Fractions of peak "
-        "below are against the fp32 peak at the workload's own thread count, measured in the "
-        "workload's own process by a 1024x1024 matmul timed in its interleaved rounds (the "
-        'figure after "of").',
+        (f"Matmul peak (n={w['peak']['n']}, GFLOP/s) at {peaks}. " if "peak" in w else "")
+        + "Fractions of peak below are against the fp32 peak at the workload's own thread "
+        "count, measured in the workload's own process by a 1024x1024 matmul timed in its "
+        'interleaved rounds (the figure after "of").',
         "",
         "| workload | threads | metaml | higher | plain loop | learn2learn | metaml / higher "
         "| metaml / plain | GFLOP/s | of fp32 peak | peak RSS MiB |",
