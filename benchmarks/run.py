@@ -16,7 +16,9 @@ references in the same process gain from it too); ``protonet-default-malloc`` ru
 Workloads (see docs/speed.md): (a) sinusoid MAML; (b) conv4 MAML 5-way 1-shot, 1 and 5 steps,
 second and first order; (c) ProtoNet conv4 20-way 1-shot; (d) test-time adaptation of 600
 episodes with 10 steps; (e) episode sampling against the consumption rate of (b); plus the
-fp32 and bf16 matmul peak. Achieved GFLOP/s count the floating-point operations of matmuls
+fp32 and bf16 matmul peak. Each (b) and (c) worker also times a matmul peak probe in its own
+interleaved rounds (``peak_probe``), and its fraction of peak is taken against that, measured
+under the same machine conditions. Achieved GFLOP/s count the floating-point operations of matmuls
 and convolutions (forward, backward and double backward) with ``FlopCounterMode`` on the plain
 loop's iteration: the same arithmetic for every implementation.
 """
