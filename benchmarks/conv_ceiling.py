@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import append_section, machine
-from benchmarks.run import matmul_peak, seconds_per_call
+from benchmarks.run import CONV4, conv4_spec, matmul_peak, seconds_per_call
 from metaml.device import reuse_cpu_memory
 
 # (input channels, map size) of conv4's four convolutions on 28x28 inputs, 64 filters each.
@@ -192,25 +192,13 @@ def workload_steps(quick: bool) -> dict[str, Callable[[], Any]]:
         >>> sorted(workload_steps(quick=True))
         ['conv4-1-fo', 'conv4-1-so', 'conv4-5-fo', 'conv4-5-so', 'protonet']
     """
-    from benchmarks.speed_workloads import (
-        Conv4Spec,
-        conv4_model,
-        metaml_maml,
-        protonet_impl,
-        random_batch,
-    )
+    from benchmarks.speed_workloads import conv4_model, metaml_maml, protonet_impl, random_batch
 
     steps = {}
-    for inner_steps in (1, 5):
-        for order in ("so", "fo"):
-            spec = Conv4Spec(steps=inner_steps, first_order=order == "fo")
-            if quick:
-                spec.meta_batch, spec.hidden, spec.queries = 2, 8, 2
-            args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
-            model = conv4_model(spec)
-            steps[f"conv4-{inner_steps}-{order}"] = metaml_maml(
-                model, random_batch(spec), *args, vectorize="loop"
-            )
+    for name in CONV4:
+        spec = conv4_spec(name, quick)
+        args = ("classification", spec.inner_lr, spec.steps, spec.first_order)
+        steps[name] = metaml_maml(conv4_model(spec), random_batch(spec), *args, vectorize="loop")
     steps["protonet"] = protonet_impl(ways=5 if quick else 20, queries=2 if quick else 15)[0]
     return steps
 

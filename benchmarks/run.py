@@ -290,7 +290,15 @@ def worker_sinusoid(quick: bool) -> dict[str, Any]:
     return {"unit": "meta-iterations/s", "rates": _summary(rates)}
 
 
-def _conv4_spec(name: str, quick: bool) -> Any:
+def conv4_spec(name: str, quick: bool) -> Any:
+    """The :class:`~benchmarks.speed_workloads.Conv4Spec` of (b) workload ``name`` (tiny sizes
+    in quick mode).
+
+    Example:
+        >>> spec = conv4_spec("conv4-5-fo-all", quick=True)
+        >>> spec.steps, spec.first_order, spec.meta_batch
+        (5, True, 2)
+    """
     from benchmarks.speed_workloads import Conv4Spec
 
     _, steps, order = name.removesuffix("-all").split("-")  # conv4-<steps>-<so|fo>[-all]
@@ -310,7 +318,7 @@ def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
         random_batch,
     )
 
-    spec = _conv4_spec(name, quick)
+    spec = conv4_spec(name, quick)
     batch = random_batch(spec)
     cores = os.cpu_count() or 1
     if name.endswith("-all"):
@@ -349,7 +357,7 @@ def worker_rss(name: str, impl: str, quick: bool) -> dict[str, Any]:
     (``floor``: two query passes of one task, less than any implementation does)."""
     from benchmarks.speed_workloads import conv4_impls, conv4_model, query_pass_floor, random_batch
 
-    spec = _conv4_spec(name, quick)
+    spec = conv4_spec(name, quick)
     batch = random_batch(spec)
     impls = conv4_impls(spec, batch)  # all built in every process, but only one is run
     step = query_pass_floor(conv4_model(spec), batch) if impl == "floor" else impls[impl]
