@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from metaml.errors import UserError, did_you_mean, unknown_name_error
+from metaml.nn.fused import norm_pool_relu
 
 Norm = Literal["batch", "none"]
 BackboneFactory = Callable[..., "Backbone"]
@@ -314,8 +315,17 @@ class Conv4(Backbone):
         self.reset_head(num_outputs)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``(n, C, H, W) -> (n, num_features)``."""
-        return self.features(x).flatten(1)  # (n, hidden, h, w) -> (n, hidden*h*w)
+        """``(n, C, H, W) -> (n, num_features)``.
+
+        Each block's BatchNorm, pooling and ReLU run as one fused kernel where
+        :func:`metaml.nn.fused.norm_pool_relu` can (channels-last CPU batches, batch
+        statistics), else as the three modules.
+        """
+        layers = list(self.features)
+        for i in range(0, len(layers), 4):
+            conv, norm, pool, act = layers[i : i + 4]
+            x = norm_pool_relu(norm, pool, act, conv(x))
+        return x.flatten(1)  # (n, hidden, h, w) -> (n, hidden*h*w)
 
     prefers_channels_last = True
 

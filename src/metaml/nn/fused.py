@@ -1,0 +1,308 @@
+"""A fused CPU kernel for conv4's blocks: BatchNorm, 2x2 max-pooling and ReLU in one pass.
+
+In a conv4 step on the CPU, BatchNorm (with the batch's own statistics), max-pooling and ReLU
+run as separate memory-bound kernels that each read and write the full-size activation, and
+max-pooling's backward zero-fills one more. :func:`batch_norm_pool_relu` does the three in one
+C++ kernel (``csrc/bn_pool_relu.cpp``), forward and backward: 2-3x less time for those
+layers, 1.1x a whole ProtoNet episode (docs/speed.md). The values are those of
+``relu(max_pool2d(batch_norm(x, training=True), 2))`` up to rounding (tested in float64).
+
+The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (once
+per machine and torch version, about a minute; it needs a C++ compiler and ninja) and cached
+under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``). Where it cannot
+compile, or ``METAML_FUSED_KERNELS=0`` is set, or :func:`set_fused_kernels` turned it off,
+everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms
+and ``torch.compile``, for other dtypes than float32/float64, and for inputs that are not
+channels-last.
+
+Example:
+    >>> x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    >>> y = batch_norm_pool_relu(x, None, None)
+    >>> ref = F.relu(F.max_pool2d(F.batch_norm(x, None, None, training=True), 2))
+    >>> y.shape, torch.allclose(y, ref, atol=1e-5)
+    (torch.Size([4, 3, 3, 3]), True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("metaml.nn.fused")
+
+_SOURCE = Path(__file__).with_name("csrc") / "bn_pool_relu.cpp"
+_ENV = "METAML_FUSED_KERNELS"
+_lock = threading.Lock()
+_enabled = os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+_extension: ModuleType | None = None
+_build_error: str | None = None
+
+
+def set_fused_kernels(enabled: bool) -> bool:
+    """Turn the fused CPU kernel on or off for this process; returns the previous setting.
+
+    The default is on, unless the environment sets ``METAML_FUSED_KERNELS=0``. Off, conv4
+    runs BatchNorm, pooling and ReLU on torch's kernels (same values up to rounding).
+
+    Example:
+        >>> previous = set_fused_kernels(False)
+        >>> fused_kernels_available()
+        False
+        >>> _ = set_fused_kernels(previous)
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def fused_kernels_available() -> bool:
+    """Whether the fused kernel is on and compiled; compiles it on the first call.
+
+    Example:
+        >>> isinstance(fused_kernels_available(), bool)
+        True
+    """
+    return _enabled and _load() is not None
+
+
+def _build_name() -> str:
+    """The extension's name: a digest of the source, torch's version and the CPU.
+
+    It is compiled with ``-march=native``, so a cache shared between machines (a home directory
+    on a cluster) must not hand one CPU's build to another.
+    """
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(platform.machine().encode())
+    digest.update(_cpu_flags().encode())
+    return f"metaml_bn_pool_relu_{digest.hexdigest()[:16]}"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _load() -> ModuleType | None:
+    global _extension, _build_error
+    if _extension is not None or _build_error is not None:
+        return _extension
+    with _lock:  # one thread compiles; torch's own lock file keeps other processes waiting
+        if _extension is None and _build_error is None:
+            _extension, _build_error = _compile()
+    return _extension
+
+
+def _compile() -> tuple[ModuleType | None, str | None]:
+    from torch.utils import cpp_extension
+
+    name = _build_name()
+    print(
+        "metaml: compiling the fused BatchNorm-pool-ReLU CPU kernel "
+        "(once per machine and torch version, about a minute)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        module = cpp_extension.load(
+            name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False
+        )
+    except Exception as exc:  # no compiler, no ninja, an unsupported flag: run on torch's kernels
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+        warnings.warn(
+            f"metaml could not compile its fused CPU kernel ({reason}); conv4 runs on torch's "
+            f"kernels instead, a little slower. Install a C++ compiler and `pip install ninja` "
+            f"to use it, or set {_ENV}=0 to stop trying.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, reason
+    log.info("compiled %s", name)
+    return module, None
+
+
+def _reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The same function on torch's kernels (the textbook composition)."""
+    return F.relu(F.max_pool2d(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), 2))
+
+
+class _BatchNormPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assert _extension is not None
+        out, argmax, mean, var, invstd = _extension.forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, out, argmax, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, weight, bias, out, argmax, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a second-order inner step): recompute on torch's kernels so
+            # that this backward is itself differentiable.
+            return (*_differentiable_grads(x, weight, bias, ctx.eps, grad_out, ctx), None)
+        assert _extension is not None
+        grad_x, grad_w, grad_b = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def _differentiable_grads(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, grad_out: Tensor, ctx: Any
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    inputs = (x, weight, bias)
+    wanted = [
+        t
+        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
+        if need and t is not None
+    ]
+    with torch.enable_grad():
+        y = _reference(x, weight, bias, eps)
+    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
+    g = [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
+    return g[0], g[1], g[2]
+
+
+def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether the fused kernel computes ``x``'s block (else torch's kernels do)."""
+    from metaml.nn.backbones import _inside_transform
+
+    # transforms first: under vmap, x.is_contiguous(memory_format=...) raises
+    if not _enabled or _inside_transform() or x.device.type != "cpu" or x.dim() != 4:
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or x.size(2) < 2 or x.size(3) < 2:
+        return False
+    if x.size(0) * x.size(2) * x.size(3) < 2 or not x.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        return False
+    for p in (weight, bias):
+        if p is not None and (
+            p.dtype != x.dtype or p.device != x.device or p.shape != (x.size(1),)
+        ):
+            return False
+    return _load() is not None
+
+
+def batch_norm_pool_relu(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
+) -> Tensor:
+    """``relu(max_pool2d(batch_norm(x, training=True), 2))``, fused on the CPU where it can be.
+
+    BatchNorm normalises with the statistics of ``x`` itself and, given ``running_mean`` and
+    ``running_var``, updates them in place as ``F.batch_norm(..., training=True)`` does. The
+    fused kernel runs for 4-D float32/float64 channels-last CPU tensors outside ``torch.func``
+    transforms and ``torch.compile``; every other input goes through torch's kernels. Its
+    gradients are first order in the kernel; a backward with ``create_graph=True`` recomputes
+    on torch's kernels, so second-order MAML gets exact double backward.
+
+    Example:
+        >>> x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+        >>> batch_norm_pool_relu(x, torch.ones(4), torch.zeros(4)).shape
+        torch.Size([2, 4, 2, 2])
+    """
+    if not _fusable(x, weight, bias):
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return F.relu(F.max_pool2d(y, 2))
+    out, mean, var = _BatchNormPoolReLU.apply(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        values_per_channel = x.numel() // x.size(1)
+        with torch.no_grad():  # as torch's kernel: the unbiased variance goes into the average
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            unbiased = var * (values_per_channel / (values_per_channel - 1))
+            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    return out
+
+
+def norm_pool_relu(norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    """``act(pool(norm(x)))`` for one conv4 block, fused where :func:`batch_norm_pool_relu` can.
+
+    Fused only when ``norm`` is a BatchNorm2d normalising with batch statistics (training
+    mode, or no running statistics), ``pool`` a 2x2 max-pool and ``act`` a ReLU, none with
+    hooks; the running statistics and ``num_batches_tracked`` are updated as
+    ``nn.BatchNorm2d`` does.
+
+    Example:
+        >>> from metaml.nn import BatchNorm2d
+        >>> x = torch.randn(3, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> norm_pool_relu(BatchNorm2d(2), nn.MaxPool2d(2), nn.ReLU(), x).shape
+        torch.Size([3, 2, 2, 2])
+    """
+    if not isinstance(norm, nn.BatchNorm2d) or not _block_fusable(norm, pool, act):
+        return act(pool(norm(x)))
+    if not (norm.training or norm.running_mean is None):
+        return act(pool(norm(x)))  # eval mode with running statistics: an affine map
+    if not _fusable(x, norm.weight, norm.bias):
+        return act(pool(norm(x)))
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # a cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    update = norm.training and norm.track_running_stats
+    return batch_norm_pool_relu(
+        x,
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        norm.running_mean if update else None,
+        norm.running_var if update else None,
+        momentum,
+    )
+
+
+def _block_fusable(norm: nn.BatchNorm2d, pool: nn.Module, act: nn.Module) -> bool:
+    if not isinstance(act, nn.ReLU):
+        return False
+    if not isinstance(pool, nn.MaxPool2d) or not _is_plain_2x2(pool):
+        return False
+    modules = (norm, pool, act)
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules) and not (
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def _is_plain_2x2(pool: nn.MaxPool2d) -> bool:
+    def pair(v: Any) -> tuple[Any, Any]:
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    stride = pool.kernel_size if pool.stride is None else pool.stride
+    return (
+        pair(pool.kernel_size) == (2, 2)
+        and pair(stride) == (2, 2)
+        and pair(pool.padding) == (0, 0)
+        and pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )

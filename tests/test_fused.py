@@ -1,0 +1,186 @@
+"""The fused BatchNorm-pool-ReLU CPU kernel against torch's own kernels (metaml.nn.fused)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import conv_batch, meta_gradient
+
+from metaml.algorithms.gbml import FOMAML, MAML
+from metaml.algorithms.protonet import ProtoNet
+from metaml.nn import channels_last_input, create_backbone, fused
+from metaml.nn.fused import batch_norm_pool_relu, fused_kernels_available, set_fused_kernels
+from metaml.tasks import TaskBatch
+
+CL = torch.channels_last
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler: the fused kernel cannot be built here",
+)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]:
+    """The shapes the fused kernel ran on, so a test can tell it was used."""
+    assert fused_kernels_available(), "a C++ compiler is here, so the kernel must build"
+    calls: list[tuple[int, ...]] = []
+    real = fused._BatchNormPoolReLU.apply
+
+    def spy(x: torch.Tensor, *args: object) -> object:
+        calls.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(fused._BatchNormPoolReLU, "apply", spy)
+    yield calls
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    return F.relu(F.max_pool2d(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), 2))
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 7, 7), (5, 64, 28, 28), (4, 3, 6, 5), (2, 5, 3, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_values_and_gradients_equal_torchs_kernels(
+    kernel_calls: list, shape: tuple[int, ...], affine: bool
+) -> None:
+    """float64, odd sizes included (the last row and column fall in no window)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    x.requires_grad_()
+    c = shape[1]
+    w, b = (
+        (torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+        if affine
+        else (None, None)
+    )
+    got, ref = batch_norm_pool_relu(x, w, b), _reference(x, w, b)
+    assert kernel_calls == [shape] and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for a, r in zip(
+        torch.autograd.grad(got, inputs, upstream),
+        torch.autograd.grad(ref, inputs, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_and_gradgradcheck(kernel_calls: list) -> None:
+    """Finite differences for the kernel's backward; the double backward (create_graph)
+    recomputes on torch's kernels and must be exact too."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    w = torch.rand(2, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(batch_norm_pool_relu, inputs)
+    assert torch.autograd.gradgradcheck(batch_norm_pool_relu, inputs)
+    assert kernel_calls  # the function under check was the fused one
+
+
+def test_ties_go_to_the_first_maximum_as_in_torch(kernel_calls: list) -> None:
+    """Few distinct values, so most windows tie: the gradient goes where torch sends it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 3, (4, 3, 6, 6), generator=g).double().contiguous(memory_format=CL)
+    x.requires_grad_()
+    upstream = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(batch_norm_pool_relu(x, None, None), x, upstream)[0]
+    ref = torch.autograd.grad(_reference(x, None, None), x, upstream)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_nan_propagates_as_in_torch(kernel_calls: list) -> None:
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=CL)
+    x[0, 1, 0, 1] = float("nan")
+    got, ref = batch_norm_pool_relu(x, None, None), _reference(x, None, None)
+    assert torch.equal(got.isnan(), ref.isnan()) and got.isnan().any()
+
+
+def test_conv4_trains_the_same_with_and_without_it(kernel_calls: list) -> None:
+    """Outputs, gradients and BatchNorm's running statistics (both momentum kinds) of a
+    conv4 in training mode, then its eval-mode outputs."""
+    images = conv_batch(1).query_x[0]
+    results = []
+    for enabled in (True, False):
+        previous = set_fused_kernels(enabled)
+        try:
+            torch.manual_seed(0)
+            net = create_backbone("conv4", num_outputs=5, hidden=8).double()
+            net.features[5].momentum = None  # the second block: a cumulative average
+            batch = channels_last_input(net, images)
+            out = [net(batch) for _ in range(2)]
+            grads = torch.autograd.grad(sum(o.square().sum() for o in out), list(net.parameters()))
+            net.eval()
+            results.append((out, grads, [t.clone() for t in net.buffers()], net(batch)))
+        finally:
+            set_fused_kernels(previous)
+    assert len(kernel_calls) == 8  # 4 blocks x 2 training passes; eval runs torch's kernels
+    (out, grads, buffers, evaluated), (out_ref, grads_ref, buffers_ref, evaluated_ref) = results
+    for a, b in zip(
+        [*out, *grads, *buffers, evaluated],
+        [*out_ref, *grads_ref, *buffers_ref, evaluated_ref],
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [MAML, FOMAML])
+def test_maml_meta_gradient_unchanged(kernel_calls: list, cls: type) -> None:
+    """Second order: the query pass's backward runs in the kernel, and the support passes of
+    the inner steps (differentiated twice) keep the default layout and torch's kernels."""
+    batch = conv_batch(2)
+    results = []
+    for enabled in (True, False):
+        previous = set_fused_kernels(enabled)
+        try:
+            torch.manual_seed(0)
+            net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
+            learner = cls(net.double(), inner_lr=0.4, inner_steps=2, vectorize="loop").double()
+            results.append(meta_gradient(learner, batch))
+        finally:
+            set_fused_kernels(previous)
+    assert kernel_calls
+    (metrics, grads), (metrics_ref, grads_ref) = results
+    assert metrics["loss"] == pytest.approx(metrics_ref["loss"], rel=1e-12)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_protonet_episode_uses_it(kernel_calls: list) -> None:
+    learner = ProtoNet(create_backbone("conv4", num_outputs=0, hidden=8))
+    b = conv_batch(1)
+    learner.meta_loss(TaskBatch(b.support_x.float(), b.support_y, b.query_x.float(), b.query_y))
+    assert [s[2] for s in kernel_calls] == [28, 14, 7, 3]
+
+
+def test_torchs_kernels_run_where_the_fused_one_does_not_apply(kernel_calls: list) -> None:
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.allclose(batch_norm_pool_relu(x, None, None), _reference(x, None, None))  # NCHW
+    cl = x.contiguous(memory_format=CL)
+    batch_norm_pool_relu(cl.bfloat16(), None, None)  # a dtype it is not built for
+    torch.func.grad(lambda t: batch_norm_pool_relu(t, None, None).sum())(cl)  # a transform
+    previous = set_fused_kernels(False)
+    try:
+        batch_norm_pool_relu(cl, None, None)
+    finally:
+        set_fused_kernels(previous)
+    assert kernel_calls == []
+    batch_norm_pool_relu(cl, None, None)
+    assert kernel_calls == [(4, 3, 6, 6)]
+
+
+def test_running_statistics_as_torchs_batch_norm(kernel_calls: list) -> None:
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=CL)
+    stats = [torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)]
+    stats_ref = [t.clone() for t in stats]
+    batch_norm_pool_relu(x, None, None, 1e-5, *stats, momentum=0.3)
+    F.batch_norm(x, *stats_ref, None, None, True, 0.3, 1e-5)
+    assert kernel_calls
+    for a, b in zip(stats, stats_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
