@@ -41,6 +41,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from metaml.device import reuse_cpu_memory
+from metaml.nn.fused import fused_kernels_available, set_fused_kernels
 
 Step = Callable[[], Any]
 
@@ -374,13 +375,41 @@ def worker_protonet(quick: bool) -> dict[str, Any]:
     step, _ = protonet_impl(queries=2 if quick else 15, ways=5 if quick else 20)
     flops = count_flops(step)
     runs, iters = (2, 1) if quick else (7, 3)
-    timed, units = with_peak_probe({"metaml": step}, 1, torch.get_num_threads(), quick)
+    impls = {"metaml": step}
+    fused = fused_kernels_available()  # compiles the kernel here, before anything is timed
+    if fused:  # the same episodes on torch's kernels, interleaved: the fused kernel's gain
+        impls[UNFUSED] = without_fused_kernel(step)
+    timed, units = with_peak_probe(impls, 1, torch.get_num_threads(), quick)
     rates = time_rates(timed, units, runs=runs, warmup=2, iters=iters)
     peak = split_peak(rates)
     return {
         "unit": "episodes/s", "rates": _summary(rates), "flops_per_episode": flops,
-        "peak_gflops": peak,
+        "peak_gflops": peak, "fused_kernel": fused,
     }  # fmt: skip
+
+
+UNFUSED = "metaml-unfused"
+
+
+def without_fused_kernel(step: Step) -> Step:
+    """``step`` with metaml's fused CPU kernel turned off (torch's kernels instead).
+
+    Example:
+        >>> from metaml.nn.fused import fused_kernels_available
+        >>> seen = []
+        >>> without_fused_kernel(lambda: seen.append(fused_kernels_available()))()
+        >>> seen
+        [False]
+    """
+
+    def unfused() -> Any:
+        previous = set_fused_kernels(False)
+        try:
+            return step()
+        finally:
+            set_fused_kernels(previous)
+
+    return unfused
 
 
 def worker_adapt(quick: bool, all_cores: bool = False) -> dict[str, Any]:
@@ -634,12 +663,15 @@ def render(results: dict[str, Any]) -> str:
         if name not in w:
             continue
         p = w[name]
-        rate = p["rates"]["metaml"]["median"]
-        g = rate * p["flops_per_episode"] / 1e9
-        lines.append(
-            f"| {label} | {p['threads']} | {rate:.2f} | | | | | | "
-            f"{g:.1f} | {_fraction(g, workload_peak(results, name))} | {p['peak_rss_mb']:.0f} |"
-        )
+        for impl, row in (("metaml", label), (UNFUSED, f"{label}, without the fused kernel")):
+            if impl not in p["rates"]:
+                continue
+            rate = p["rates"][impl]["median"]
+            g = rate * p["flops_per_episode"] / 1e9
+            lines.append(
+                f"| {row} | {p['threads']} | {rate:.2f} | | | | | | {g:.1f} | "
+                f"{_fraction(g, workload_peak(results, name))} | {p['peak_rss_mb']:.0f} |"
+            )
     if "adapt" in w:
         a = w["adapt"]
         s = a["seconds"]

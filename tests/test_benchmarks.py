@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,9 @@ def test_quick_suite_runs_and_reports_every_workload(tmp_path: Path) -> None:
     assert "| sinusoid (meta-iterations/s) |" in table and "Sampling (e)" in table
     assert "| adapt-all, the same on the whole CPU (seconds) |" in table
     assert "| protonet 20w1s, glibc's default malloc" in table
+    if shutil.which("c++") or shutil.which("g++"):  # the fused kernel builds: (c) times both
+        assert w["protonet"]["fused_kernel"] and "metaml-unfused" in w["protonet"]["rates"]
+        assert "| protonet 20w1s (episodes/s), without the fused kernel |" in table
     probe = w["protonet"]["peak_gflops"]["median"]
     assert f"% of {probe:.1f} |" in table.split("| protonet 20w1s (episodes/s)")[1].splitlines()[0]
     assert done.stdout.count("| conv4-") >= 8  # the table was printed
