@@ -130,3 +130,24 @@ def test_conv_ceiling_in_workloads_times_the_convolution_kernels_of_each_step(
     assert rows["conv4-1-so"]["conv_flops"] > rows["conv4-1-fo"]["conv_flops"]
     text = conv_ceiling.render_in_workloads(results)
     assert text.count("\n| conv4-") == 4 and "\n| protonet | " in text
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
+)
+def test_fused_block_times_both_implementations_of_the_same_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import fused_block
+
+    calls = fused_block.block_calls(3, 6, channels=4)
+    torch.testing.assert_close(calls["fused forward"](), calls["torch forward"]())
+    for a, b in zip(calls["fused fwd+bwd"](), calls["torch fwd+bwd"](), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's count
+    results = fused_block.measure(quick=True)
+    (row,) = results["rows"]
+    assert all(
+        row[f"{impl} {kind}"] > 0 for impl in fused_block.IMPLS for kind in ("forward", "fwd+bwd")
+    )
+    assert "\n| 5x8x8x8 | " in fused_block.render(results)

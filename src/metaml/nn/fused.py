@@ -203,7 +203,10 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
         return False
     for p in (weight, bias):
         if p is not None and (
-            p.dtype != x.dtype or p.device != x.device or p.shape != (x.size(1),)
+            p.dtype != x.dtype
+            or p.device != x.device
+            or p.shape != (x.size(1),)
+            or not p.is_contiguous()
         ):
             return False
     return _load() is not None
