@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -26,16 +27,22 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]:
-    """The shapes the fused kernel ran on, so a test can tell it was used."""
+    """The shapes the fused kernels ran on (a first block, with its convolution, is marked
+    ``"conv"``), so a test can tell they were used."""
     assert fused_kernels_available(), "a C++ compiler is here, so the kernel must build"
     calls: list[tuple[int, ...]] = []
-    real = fused._BatchNormPoolReLU.apply
+    for function, mark in (
+        (fused._BatchNormPoolReLU, ()),
+        (fused._ConvBatchNormPoolReLU, ("conv",)),
+    ):
 
-    def spy(x: torch.Tensor, *args: object) -> object:
-        calls.append(tuple(x.shape))
-        return real(x, *args)
+        def spy(
+            x: torch.Tensor, *args: object, real: Any = function.apply, mark: tuple = mark
+        ) -> object:
+            calls.append((*mark, *x.shape))
+            return real(x, *args)
 
-    monkeypatch.setattr(fused._BatchNormPoolReLU, "apply", spy)
+        monkeypatch.setattr(function, "apply", spy)
     yield calls
 
 
@@ -120,7 +127,8 @@ def test_conv4_trains_the_same_with_and_without_it(kernel_calls: list) -> None:
             results.append((out, grads, [t.clone() for t in net.buffers()], net(batch)))
         finally:
             set_fused_kernels(previous)
-    assert len(kernel_calls) == 8  # 4 blocks x 2 training passes; eval runs torch's kernels
+    # 4 blocks x 2 training passes, the first with its convolution; eval runs torch's kernels
+    assert [c[0] == "conv" for c in kernel_calls] == [True, False, False, False] * 2
     (out, grads, buffers, evaluated), (out_ref, grads_ref, buffers_ref, evaluated_ref) = results
     for a, b in zip(
         [*out, *grads, *buffers, evaluated],
@@ -156,7 +164,7 @@ def test_protonet_episode_uses_it(kernel_calls: list) -> None:
     learner = ProtoNet(create_backbone("conv4", num_outputs=0, hidden=8))
     b = conv_batch(1)
     learner.meta_loss(TaskBatch(b.support_x.float(), b.support_y, b.query_x.float(), b.query_y))
-    assert [s[2] for s in kernel_calls] == [28, 14, 7, 3]
+    assert kernel_calls == [("conv", 10 + 5, 1, 28, 28), *((15, 8, s, s) for s in (14, 7, 3))]
 
 
 def test_torchs_kernels_run_where_the_fused_one_does_not_apply(kernel_calls: list) -> None:
@@ -188,3 +196,73 @@ def test_running_statistics_as_torchs_batch_norm(kernel_calls: list) -> None:
     assert kernel_calls
     for a, b in zip(stats, stats_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _conv_reference(images: torch.Tensor, conv: torch.nn.Conv2d, w: Any, b: Any) -> torch.Tensor:
+    return _reference(conv(images), w, b)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels"), [((5, 1, 28, 28), 16), ((4, 3, 7, 9), 8), ((3, 1, 6, 6), 8)]
+)
+def test_first_block_with_its_convolution_equals_torchs_kernels(
+    kernel_calls: list, shape: tuple[int, ...], channels: int
+) -> None:
+    """float64: the convolution's output is recomputed inside the kernel, never stored; its
+    weight gradient is folded from the output gradient and the image patches."""
+    from metaml.nn import BatchNorm2d
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(*shape, generator=g, dtype=torch.float64).clone(memory_format=CL)
+    conv = torch.nn.Conv2d(shape[1], channels, 3, padding=1).double()
+    norm = BatchNorm2d(channels, track_running_stats=False).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.normal_(generator=g)
+    pool, act = torch.nn.MaxPool2d(2), torch.nn.ReLU()
+    got = fused.conv_block(conv, norm, pool, act, images)
+    ref = _conv_reference(images, conv, norm.weight, norm.bias)
+    assert kernel_calls == [("conv", *shape)] and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    params = [conv.weight, conv.bias, norm.weight, norm.bias]
+    grads = torch.autograd.grad(got, params, upstream)
+    grads_ref = torch.autograd.grad(ref, params, upstream)
+    for a, r in zip(grads, grads_ref, strict=True):
+        # the conv bias's gradient is zero up to rounding (BatchNorm removes any shift): atol
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+
+
+def test_first_block_gradgradcheck(kernel_calls: list) -> None:
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 1, 5, 4, generator=g, dtype=torch.float64).clone(memory_format=CL)
+    conv_w = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    conv_b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+
+    def block(cw: torch.Tensor, cb: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return fused._ConvBatchNormPoolReLU.apply(images, cw, cb, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(block, (conv_w, conv_b, w, b))
+    assert torch.autograd.gradgradcheck(block, (conv_w, conv_b, w, b))
+    assert kernel_calls
+
+
+def test_first_block_only_where_the_kernel_can_compute_it(kernel_calls: list) -> None:
+    """Images that need a gradient, a 1-channel batch the learner left in the default layout
+    (a pass differentiated twice), and a width that is no multiple of 8 go to torch's
+    convolution; what follows it is still fused where it can be."""
+    from metaml.nn import BatchNorm2d
+
+    rest = BatchNorm2d(8, track_running_stats=False), torch.nn.MaxPool2d(2), torch.nn.ReLU()
+    conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+    images = torch.randn(4, 1, 6, 6)
+    fused.conv_block(conv, *rest, images)  # default layout: torch's conv, then NCHW: no fusion
+    fused.conv_block(conv, *rest, images.clone(memory_format=CL).requires_grad_())
+    assert kernel_calls == [(4, 8, 6, 6)]
+    kernel_calls.clear()
+    odd = torch.nn.Conv2d(1, 6, 3, padding=1)
+    rest6 = BatchNorm2d(6, track_running_stats=False), *rest[1:]
+    fused.conv_block(odd, *rest6, images.clone(memory_format=CL))
+    assert kernel_calls == [(4, 6, 6, 6)]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from metaml.errors import UserError, did_you_mean, unknown_name_error
-from metaml.nn.fused import norm_pool_relu
+from metaml.nn.fused import conv_block
 
 Norm = Literal["batch", "none"]
 BackboneFactory = Callable[..., "Backbone"]
@@ -317,14 +317,13 @@ class Conv4(Backbone):
     def forward_features(self, x: Tensor) -> Tensor:
         """``(n, C, H, W) -> (n, num_features)``.
 
-        Each block's BatchNorm, pooling and ReLU run as one fused kernel where
-        :func:`metaml.nn.fused.norm_pool_relu` can (channels-last CPU batches, batch
-        statistics), else as the three modules.
+        Each block runs as one fused CPU kernel where :func:`metaml.nn.fused.conv_block` can
+        (channels-last CPU batches, batch statistics), else as its four modules.
         """
         layers = list(self.features)
         for i in range(0, len(layers), 4):
             conv, norm, pool, act = layers[i : i + 4]
-            x = norm_pool_relu(norm, pool, act, conv(x))
+            x = conv_block(conv, norm, pool, act, x)
         return x.flatten(1)  # (n, hidden, h, w) -> (n, hidden*h*w)
 
     prefers_channels_last = True

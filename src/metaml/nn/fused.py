@@ -161,31 +161,76 @@ class _BatchNormPoolReLU(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (a second-order inner step): recompute on torch's kernels so
             # that this backward is itself differentiable.
-            return (*_differentiable_grads(x, weight, bias, ctx.eps, grad_out, ctx), None)
+            inputs = (x, weight, bias)
+            grads = _recomputed_grads(
+                lambda: _reference(x, weight, bias, ctx.eps), inputs, ctx, grad_out
+            )
+            return (*grads, None)
         assert _extension is not None
-        grad_x, grad_w, grad_b = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
+        grads = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
         return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if ctx.needs_input_grad[2] else None,
+            *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)),
             None,
         )
 
 
-def _differentiable_grads(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, grad_out: Tensor, ctx: Any
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    inputs = (x, weight, bias)
-    wanted = [
-        t
-        for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True)
-        if need and t is not None
-    ]
+class _ConvBatchNormPoolReLU(torch.autograd.Function):
+    """conv4's first block, its 3x3 convolution included (no gradient for the images)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        images: Tensor,
+        conv_weight: Tensor,
+        conv_bias: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assert _extension is not None
+        out, argmax, mean, var, invstd = _extension.conv_forward(
+            images, conv_weight, conv_bias, weight, bias, eps
+        )
+        ctx.save_for_backward(
+            images, conv_weight, conv_bias, weight, bias, out, argmax, mean, invstd
+        )
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        images, conv_weight, conv_bias, weight, bias, out, argmax, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, as above
+
+            def block() -> Tensor:
+                return _reference(
+                    F.conv2d(images, conv_weight, conv_bias, padding=1), weight, bias, ctx.eps
+                )
+
+            inputs = (images, conv_weight, conv_bias, weight, bias)
+            return (*_recomputed_grads(block, inputs, ctx, grad_out), None)
+        assert _extension is not None
+        grads = _extension.conv_backward(
+            grad_out, out, argmax, images, conv_weight, conv_bias, mean, invstd, weight
+        )
+        needs = ctx.needs_input_grad[1:5]
+        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), None)
+
+
+def _recomputed_grads(
+    block: Any, inputs: tuple[Tensor | None, ...], ctx: Any, grad_out: Tensor
+) -> list[Tensor | None]:
+    """The gradients of ``block()`` for the inputs that need one, differentiable themselves."""
+    needs = ctx.needs_input_grad[: len(inputs)]
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
     with torch.enable_grad():
-        y = _reference(x, weight, bias, eps)
+        y = block()
     grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
-    g = [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
-    return g[0], g[1], g[2]
+    return [
+        next(grads) if need and t is not None else None
+        for t, need in zip(inputs, needs, strict=True)
+    ]
 
 
 def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -239,12 +284,7 @@ def batch_norm_pool_relu(
         y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
         return F.relu(F.max_pool2d(y, 2))
     out, mean, var = _BatchNormPoolReLU.apply(x, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
-        values_per_channel = x.numel() // x.size(1)
-        with torch.no_grad():  # as torch's kernel: the unbiased variance goes into the average
-            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            unbiased = var * (values_per_channel / (values_per_channel - 1))
-            running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    _update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.size(1))
     return out
 
 
@@ -262,18 +302,12 @@ def norm_pool_relu(norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) 
         >>> norm_pool_relu(BatchNorm2d(2), nn.MaxPool2d(2), nn.ReLU(), x).shape
         torch.Size([3, 2, 2, 2])
     """
-    if not isinstance(norm, nn.BatchNorm2d) or not _block_fusable(norm, pool, act):
+    if not _block_fusable(norm, pool, act):
         return act(pool(norm(x)))
-    if not (norm.training or norm.running_mean is None):
-        return act(pool(norm(x)))  # eval mode with running statistics: an affine map
+    assert isinstance(norm, nn.BatchNorm2d)
     if not _fusable(x, norm.weight, norm.bias):
         return act(pool(norm(x)))
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:  # a cumulative moving average
-            momentum = 1.0 / float(norm.num_batches_tracked)
-    update = norm.training and norm.track_running_stats
+    momentum, update = _running_stats_step(norm)
     return batch_norm_pool_relu(
         x,
         norm.weight,
@@ -285,15 +319,107 @@ def norm_pool_relu(norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) 
     )
 
 
-def _block_fusable(norm: nn.BatchNorm2d, pool: nn.Module, act: nn.Module) -> bool:
-    if not isinstance(act, nn.ReLU):
+def conv_block(
+    conv: nn.Module, norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor
+) -> Tensor:
+    """``act(pool(norm(conv(x))))`` for one conv4 block, as fused as the kernels allow.
+
+    A first block (a 3x3 convolution of 1 or 3 channels of channels-last images that need no
+    gradient, into a multiple of 8 channels) runs entirely in the fused kernel; its
+    convolution's full-resolution output is never stored. Other blocks fuse what follows the
+    convolution (:func:`norm_pool_relu`).
+
+    Example:
+        >>> from metaml.nn import BatchNorm2d
+        >>> conv = nn.Conv2d(1, 8, 3, padding=1)
+        >>> x = torch.randn(3, 1, 6, 6).clone(memory_format=torch.channels_last)
+        >>> conv_block(conv, BatchNorm2d(8), nn.MaxPool2d(2), nn.ReLU(), x).shape
+        torch.Size([3, 8, 3, 3])
+    """
+    if not _first_block_fusable(conv, norm, pool, act, x):
+        return norm_pool_relu(norm, pool, act, conv(x))
+    assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+    momentum, update = _running_stats_step(norm)
+    out, mean, var = _ConvBatchNormPoolReLU.apply(
+        x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps
+    )
+    if update:
+        _update_running_stats(
+            norm.running_mean, norm.running_var, mean, var, momentum, x.numel() // x.size(1)
+        )
+    return out
+
+
+def _running_stats_step(norm: nn.BatchNorm2d) -> tuple[float, bool]:
+    """As ``nn.BatchNorm2d.forward``: count the batch; the momentum and whether to update."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # a cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    return momentum, bool(norm.training and norm.track_running_stats)
+
+
+def _update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    momentum: float,
+    values_per_channel: int,
+) -> None:
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():  # as torch's kernel: the unbiased variance goes into the average
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        unbiased = var * (values_per_channel / (values_per_channel - 1))
+        running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+
+
+def _block_fusable(norm: nn.Module, pool: nn.Module, act: nn.Module) -> bool:
+    """A BatchNorm2d on batch statistics, a plain 2x2 max-pool and a ReLU, without hooks."""
+    if not isinstance(norm, nn.BatchNorm2d) or not isinstance(act, nn.ReLU):
         return False
+    if not (norm.training or norm.running_mean is None):
+        return False  # eval mode with running statistics: an affine map, left to torch
     if not isinstance(pool, nn.MaxPool2d) or not _is_plain_2x2(pool):
         return False
-    modules = (norm, pool, act)
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules) and not (
+    return not _hooked(norm, pool, act)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules) or bool(
         nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     )
+
+
+def _first_block_fusable(
+    conv: nn.Module, norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor
+) -> bool:
+    """Whether :class:`_ConvBatchNormPoolReLU` computes this block."""
+    if not isinstance(conv, nn.Conv2d) or not _block_fusable(norm, pool, act) or _hooked(conv):
+        return False
+    plain_3x3 = (
+        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+    )  # fmt: skip
+    if (
+        not plain_3x3
+        or conv.bias is None
+        or conv.in_channels not in (1, 3)
+        or conv.out_channels % 8
+    ):
+        return False
+    # channels-last images only: a pass the learners keep in the default layout (one that is
+    # differentiated twice) must keep its later blocks there too; a 1-channel batch is in
+    # both layouts, so its strides tell which one the learner chose
+    if x.dim() != 4 or x.requires_grad or (x.size(1) == 1 and x.stride(1) != 1):
+        return False
+    assert isinstance(norm, nn.BatchNorm2d)
+    if norm.num_features != conv.out_channels or not _fusable(x, None, None):
+        return False
+    params = (conv.weight, conv.bias, norm.weight, norm.bias)
+    return all(p is None or (p.dtype == x.dtype and p.is_contiguous()) for p in params)
 
 
 def _is_plain_2x2(pool: nn.MaxPool2d) -> bool:

@@ -7,6 +7,7 @@
 // (statistics, then normalise-and-pool) and writes only the pooled quarter and a byte per
 // pooled value for the window's argmax; the backward reads it once for BatchNorm's two sums
 // (which only the pooled positions contribute to) and once to write the gradient.
+// conv4's first block also folds in its convolution (1 or 3 input channels): see conv_forward.
 // Compiled on first use by metaml/nn/fused.py (torch.utils.cpp_extension); the Python side
 // checks shapes and layout and falls back to torch's own kernels for everything else.
 #include <torch/extension.h>
@@ -233,10 +234,286 @@ std::vector<at::Tensor> backward(at::Tensor g, at::Tensor out, at::Tensor idx, a
   return {dx, dw, db};
 }
 
+// ---- the first block: a 3x3 convolution of 1 or 3 input channels, then the same -------------
+//
+// Its output (64 channels at full resolution) is never stored: the forward computes it twice
+// (statistics, then normalise-and-pool) and the backward twice (BatchNorm's sums at the
+// argmax, then the output gradient, folded at once into the weight and bias gradients), nine
+// multiply-adds per value from the padded image. 8 channels at a time in registers.
+
+constexpr int L = 8;  // channels per block: one AVX register of floats
+
+// GCC/Clang vector extensions: explicit 8-lane arithmetic, whatever the compiler's loop analysis
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(L * 4)));
+  typedef int32_t I __attribute__((vector_size(L * 4)));
+};
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(L * 8)));
+  typedef int64_t I __attribute__((vector_size(L * 8)));
+};
+template <typename T>
+using Vec = typename Lanes<T>::V;
+template <typename T>
+using IVec = typename Lanes<T>::I;
+
+template <typename T>
+static inline Vec<T> load(const T* p) { Vec<T> v; std::memcpy(&v, p, sizeof(v)); return v; }
+template <typename T>
+static inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+// v where mask is all ones, 0 where it is 0
+template <typename T>
+static inline Vec<T> keep(Vec<T> v, IVec<T> mask) { return (Vec<T>)((IVec<T>)v & mask); }
+
+struct Geo { int64_t N, Cin, H, W, C, H2, W2, Hp, Wp; };
+
+// padded image (N, H+2, W+2, Cin) and the weight as (K, C) with k in (kh, kw, ci) order
+template <int KN, typename T>
+static inline void patch(const T* __restrict__ pad, const Geo& g, int64_t n, int64_t h, int64_t w, T* __restrict__ p) {
+  constexpr int Cin = KN / 9;
+  for (int kh = 0; kh < 3; ++kh)
+    for (int kw = 0; kw < 3; ++kw)
+      for (int ci = 0; ci < Cin; ++ci)
+        p[(kh * 3 + kw) * Cin + ci] = pad[((n * g.Hp + h + kh) * g.Wp + w + kw) * Cin + ci];
+}
+
+template <int KN, typename T>
+static inline Vec<T> conv8(const T* __restrict__ p, const T* __restrict__ w, Vec<T> b) {
+  Vec<T> a = b;
+  for (int k = 0; k < KN; ++k) a += p[k] * load<T>(w + k * L);
+  return a;
+}
+
+// weights regrouped per block: wb[blk][k][l]
+template <typename T>
+static std::vector<T> blocked_weight(const at::Tensor& cw, int64_t C, int64_t Cin) {
+  auto w = cw.permute({0, 2, 3, 1}).contiguous();  // (C, kh, kw, ci)
+  const T* wp = w.data_ptr<T>();
+  const int64_t K = 9 * Cin;
+  std::vector<T> out(C * K);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < K; ++k) out[((c / L) * K + k) * L + c % L] = wp[c * K + k];
+  return out;
+}
+
+template <int KN, typename T>
+static void forward_impl(const at::Tensor& img, const at::Tensor& cw, const at::Tensor& cb, const T* wp, const T* bp,
+                         double eps, at::Tensor& out, at::Tensor& idx, at::Tensor& mean_t, at::Tensor& var_t, at::Tensor& invstd_t) {
+  Geo g{img.size(0), img.size(1), img.size(2), img.size(3), cw.size(0), img.size(2) / 2, img.size(3) / 2, img.size(2) + 2, img.size(3) + 2};
+  auto padded = at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
+  const T* pad = padded.data_ptr<T>();
+  const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
+  const T* cbp = cb.data_ptr<T>();
+  const int64_t blocks = g.C / L, rows = g.N * g.H, chunks = std::min<int64_t>(rows, 32);
+  std::vector<T> ps(chunks * g.C), pq(chunks * g.C);
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / blocks, blk = t % blocks;
+      const T* w = wb.data() + blk * KN * L;
+      const Vec<T> b = load<T>(cbp + blk * L);
+      Vec<T> s = {}, q = {};
+      T p[KN];
+      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
+        const int64_t n = r / g.H, h = r % g.H;
+        for (int64_t wc = 0; wc < g.W; ++wc) {
+          patch<KN>(pad, g, n, h, wc, p);
+          const Vec<T> d = conv8<KN>(p, w, b) - b;  // shifted by the bias: a small mean is left
+          s += d;
+          q += d * d;
+        }
+      }
+      store<T>(ps.data() + k * g.C + blk * L, s);
+      store<T>(pq.data() + k * g.C + blk * L, q);
+    }
+  });
+  const int64_t M = g.N * g.H * g.W;
+  std::vector<T> A(g.C), B(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < chunks; ++k) { s += ps[k * g.C + c]; q += pq[k * g.C + c]; }
+    const double m = s / M, var = std::max(q / M - m * m, 0.0), mean = double(cbp[c]) + m;
+    const double inv = 1.0 / std::sqrt(var + eps), gam = wp ? double(wp[c]) : 1.0;
+    A[c] = T(gam * inv);
+    B[c] = T((bp ? double(bp[c]) : 0.0) - mean * gam * inv);
+    mean_t.data_ptr<T>()[c] = T(mean);
+    var_t.data_ptr<T>()[c] = T(var);
+    invstd_t.data_ptr<T>()[c] = T(inv);
+  }
+  T* op = out.data_ptr<T>();
+  uint8_t* mp = idx.data_ptr<uint8_t>();
+  at::parallel_for(0, g.N * g.H2, 1, [&](int64_t p0, int64_t p1) {
+    T p[4][KN];
+    for (int64_t pr = p0; pr < p1; ++pr) {
+      const int64_t n = pr / g.H2, i = pr % g.H2;
+      for (int64_t j = 0; j < g.W2; ++j) {
+        for (int s = 0; s < 4; ++s) patch<KN>(pad, g, n, 2 * i + s / 2, 2 * j + s % 2, p[s]);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const T* w = wb.data() + blk * KN * L;
+          const Vec<T> b = load<T>(cbp + blk * L), a = load<T>(A.data() + blk * L), bb = load<T>(B.data() + blk * L);
+          Vec<T> best = a * conv8<KN>(p[0], w, b) + bb;
+          IVec<T> kk = {};
+          for (int s = 1; s < 4; ++s) {
+            const Vec<T> y = a * conv8<KN>(p[s], w, b) + bb;
+            const IVec<T> t = (y > best) | (y != y);  // the first maximum wins ties; NaN wins
+            best = t ? y : best;
+            kk = t ? IVec<T>{} + s : kk;
+          }
+          const IVec<T> pos = (best > 0) | (best != best);
+          store<T>(op + (pr * g.W2 + j) * g.C + blk * L, keep<T>(best, pos));
+          uint8_t* m = mp + (pr * g.W2 + j) * g.C + blk * L;
+          for (int l = 0; l < L; ++l) m[l] = uint8_t(kk[l]);
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> conv_forward(at::Tensor img, at::Tensor cw, at::Tensor cb, c10::optional<at::Tensor> weight,
+                                     c10::optional<at::Tensor> bias, double eps) {
+  const int64_t N = img.size(0), C = cw.size(0), H2 = img.size(2) / 2, W2 = img.size(3) / 2;
+  auto out = at::empty({N, C, H2, W2}, img.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto idx = at::empty({N, C, H2, W2}, img.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
+  auto mean_t = at::empty({C}, img.options()), var_t = at::empty({C}, img.options()), invstd_t = at::empty({C}, img.options());
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "conv_forward", [&] {
+    using T = scalar_t;
+    const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
+    const T* bp = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
+    if (img.size(1) == 1) forward_impl<9, T>(img, cw, cb, wp, bp, eps, out, idx, mean_t, var_t, invstd_t);
+    else forward_impl<27, T>(img, cw, cb, wp, bp, eps, out, idx, mean_t, var_t, invstd_t);
+  });
+  return {out, idx, mean_t, var_t, invstd_t};
+}
+
+template <int KN, typename T>
+static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at::Tensor& idx, const at::Tensor& img,
+                          const at::Tensor& cw, const at::Tensor& cb, const T* mean, const T* inv, const T* wp,
+                          at::Tensor& dcw, at::Tensor& dcb, at::Tensor& dgam, at::Tensor& dbet) {
+  Geo g{img.size(0), img.size(1), img.size(2), img.size(3), cw.size(0), img.size(2) / 2, img.size(3) / 2, img.size(2) + 2, img.size(3) + 2};
+  auto padded = at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
+  const T* pad = padded.data_ptr<T>();
+  const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
+  const T *cbp = cb.data_ptr<T>(), *gp = gr.data_ptr<T>(), *op = out.data_ptr<T>();
+  const uint8_t* mp = idx.data_ptr<uint8_t>();
+  const int64_t blocks = g.C / L, P = g.N * g.H2, chunks1 = std::min<int64_t>(P, 32);
+  std::vector<T> s1(chunks1 * g.C), s2(chunks1 * g.C);
+  at::parallel_for(0, chunks1 * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / blocks, blk = t % blocks;
+      const T* w = wb.data() + blk * KN * L;
+      const Vec<T> b = load<T>(cbp + blk * L), mu = load<T>(mean + blk * L);
+      Vec<T> a1 = {}, a2 = {};
+      T p[KN];
+      for (int64_t pr = P * k / chunks1; pr < P * (k + 1) / chunks1; ++pr) {
+        const int64_t n = pr / g.H2, i = pr % g.H2;
+        for (int64_t j = 0; j < g.W2; ++j) {
+          const int64_t o = (pr * g.W2 + j) * g.C + blk * L;
+          IVec<T> km;
+          for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+          Vec<T> xv = {};
+          for (int s = 0; s < 4; ++s) {
+            patch<KN>(pad, g, n, 2 * i + s / 2, 2 * j + s % 2, p);
+            xv += keep<T>(conv8<KN>(p, w, b), km == s);
+          }
+          const Vec<T> gv = keep<T>(load<T>(gp + o), load<T>(op + o) > 0);
+          a1 += gv;
+          a2 += gv * (xv - mu);
+        }
+      }
+      store<T>(s1.data() + k * g.C + blk * L, a1);
+      store<T>(s2.data() + k * g.C + blk * L, a2);
+    }
+  });
+  const int64_t M = g.N * g.H * g.W;
+  std::vector<T> KK(g.C), A(g.C), B(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    double S1 = 0, S2 = 0;
+    for (int64_t k = 0; k < chunks1; ++k) { S1 += s1[k * g.C + c]; S2 += s2[k * g.C + c]; }
+    S2 *= double(inv[c]);
+    dbet.data_ptr<T>()[c] = T(S1);
+    dgam.data_ptr<T>()[c] = T(S2);
+    const double kk = (wp ? double(wp[c]) : 1.0) * double(inv[c]);
+    KK[c] = T(kk);
+    A[c] = T(-kk * double(inv[c]) * S2 / M);
+    B[c] = T(-kk * S1 / M + kk * double(mean[c]) * double(inv[c]) * S2 / M);
+  }
+  const int64_t rows = g.N * g.H, chunks = std::min<int64_t>(rows, 32);
+  std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / blocks, blk = t % blocks;
+      const T* w = wb.data() + blk * KN * L;
+      const Vec<T> b = load<T>(cbp + blk * L), Ab = load<T>(A.data() + blk * L), Bb = load<T>(B.data() + blk * L);
+      const Vec<T> Kb = load<T>(KK.data() + blk * L);
+      Vec<T> dw[KN] = {}, db = {};
+      T p[KN];
+      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
+        const int64_t n = r / g.H, h = r % g.H, i = h / 2;
+        for (int64_t wc = 0; wc < g.W; ++wc) {
+          patch<KN>(pad, g, n, h, wc, p);
+          Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
+          const int64_t j = wc / 2;
+          if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
+            const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
+            IVec<T> km;
+            for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+            const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
+            d += keep<T>(Kb * load<T>(gp + o), hit);
+          }
+          db += d;
+          for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
+        }
+      }
+      for (int kk = 0; kk < KN; ++kk)
+        for (int l = 0; l < L; ++l) pw[(k * g.C + blk * L + l) * KN + kk] = dw[kk][l];
+      store<T>(pb.data() + k * g.C + blk * L, db);
+    }
+  });
+  // dcw as (C, kh, kw, ci) -> the weight's (C, ci, kh, kw)
+  auto dperm = at::empty({g.C, 3, 3, g.Cin}, img.options());
+  T* dp = dperm.data_ptr<T>();
+  for (int64_t e = 0; e < g.C * KN; ++e) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks; ++k) s += pw[k * g.C * KN + e];
+    dp[e] = T(s);
+  }
+  dcw.copy_(dperm.permute({0, 3, 1, 2}));
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks; ++k) s += pb[k * g.C + c];
+    dcb.data_ptr<T>()[c] = T(s);
+  }
+}
+
+std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor idx, at::Tensor img, at::Tensor cw,
+                                      at::Tensor cb, at::Tensor mean_t, at::Tensor invstd_t, c10::optional<at::Tensor> weight) {
+  gr = gr.contiguous(at::MemoryFormat::ChannelsLast);
+  auto dcw = at::empty_like(cw, cw.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t C = cw.size(0);
+  auto dcb = at::empty({C}, img.options()), dgam = at::empty({C}, img.options()), dbet = at::empty({C}, img.options());
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "conv_backward", [&] {
+    using T = scalar_t;
+    const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
+    if (img.size(1) == 1)
+      backward_impl<9, T>(gr, out, idx, img, cw, cb, mean_t.data_ptr<T>(), invstd_t.data_ptr<T>(), wp, dcw, dcb, dgam, dbet);
+    else
+      backward_impl<27, T>(gr, out, idx, img, cw, cb, mean_t.data_ptr<T>(), invstd_t.data_ptr<T>(), wp, dcw, dcb, dgam, dbet);
+  });
+  return {dcw, dcb, dgam, dbet};
+}
+
 // The GIL is released: metaml's task threads run whole tasks concurrently, and each calls these.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(),
         "(x, weight, bias, eps) -> (out, argmax, mean, biased var, invstd)");
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(),
         "(grad_out, out, argmax, x, mean, invstd, weight) -> (grad_x, grad_weight, grad_bias)");
+  m.def("conv_forward", &conv_forward, py::call_guard<py::gil_scoped_release>(),
+        "(images, conv weight, conv bias, weight, bias, eps) -> (out, argmax, mean, biased var, invstd)");
+  m.def("conv_backward", &conv_backward, py::call_guard<py::gil_scoped_release>(),
+        "(grad_out, out, argmax, images, conv weight, conv bias, mean, invstd, weight) -> "
+        "(grad conv weight, grad conv bias, grad weight, grad bias)");
 }
