@@ -140,14 +140,19 @@ def test_fused_block_times_both_implementations_of_the_same_block(
 ) -> None:
     from benchmarks import fused_block
 
-    calls = fused_block.block_calls(3, 6, channels=4)
-    torch.testing.assert_close(calls["fused forward"](), calls["torch forward"]())
-    for a, b in zip(calls["fused fwd+bwd"](), calls["torch fwd+bwd"](), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for first in (False, True):  # both implementations compute the same block
+        calls = fused_block.block_calls(3, 6, channels=8, first=first)
+        torch.testing.assert_close(calls["fused forward"](), calls["torch forward"]())
+        for a, b in zip(calls["fused fwd+bwd"](), calls["torch fwd+bwd"](), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's count
     results = fused_block.measure(quick=True)
-    (row,) = results["rows"]
+    assert [r["first"] for r in results["rows"]] == [True, False]
     assert all(
-        row[f"{impl} {kind}"] > 0 for impl in fused_block.IMPLS for kind in ("forward", "fwd+bwd")
+        row[f"{impl} {kind}"] > 0
+        for row in results["rows"]
+        for impl in fused_block.IMPLS
+        for kind in ("forward", "fwd+bwd")
     )
-    assert "\n| 5x8x8x8 | " in fused_block.render(results)
+    text = fused_block.render(results)
+    assert "\n| 5x8x8x8 | " in text and "\n| 5x8x8x8, with the 1-channel conv before it | " in text
