@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -266,3 +267,25 @@ def test_first_block_only_where_the_kernel_can_compute_it(kernel_calls: list) ->
     rest6 = BatchNorm2d(6, track_running_stats=False), *rest[1:]
     fused.conv_block(odd, *rest6, images.clone(memory_format=CL))
     assert kernel_calls == [(4, 6, 6, 6)]
+
+
+def test_a_failed_build_warns_once_and_runs_on_torchs_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No compiler or ninja: one RuntimeWarning that names the fix, then the same values."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused, "_extension", None)
+    monkeypatch.setattr(fused, "_build_error", None)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=CL)
+    with pytest.warns(RuntimeWarning, match="pip install ninja"):
+        y = batch_norm_pool_relu(x, None, None)
+    assert not fused_kernels_available()
+    torch.testing.assert_close(y, _reference(x, None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not again
+        batch_norm_pool_relu(x, None, None)

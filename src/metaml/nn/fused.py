@@ -1,11 +1,13 @@
-"""A fused CPU kernel for conv4's blocks: BatchNorm, 2x2 max-pooling and ReLU in one pass.
+"""A fused CPU kernel for conv4's blocks: (convolution,) BatchNorm, 2x2 max-pooling and ReLU.
 
 In a conv4 step on the CPU, BatchNorm (with the batch's own statistics), max-pooling and ReLU
 run as separate memory-bound kernels that each read and write the full-size activation, and
-max-pooling's backward zero-fills one more. :func:`batch_norm_pool_relu` does the three in one
-C++ kernel (``csrc/bn_pool_relu.cpp``), forward and backward: 2-3x less time for those
-layers, 1.1x a whole ProtoNet episode (docs/speed.md). The values are those of
-``relu(max_pool2d(batch_norm(x, training=True), 2))`` up to rounding (tested in float64).
+max-pooling's backward zero-fills one more. :func:`norm_pool_relu` (and
+:func:`batch_norm_pool_relu`) does the three in one C++ kernel (``csrc/bn_pool_relu.cpp``),
+forward and backward; :func:`conv_block` also folds in the first block's 1- or 3-channel
+convolution, whose full-resolution output is then never stored. A block takes 1.6-3.2x less
+time, a ProtoNet 20-way episode 1.3x (docs/speed.md). The values are those of torch's
+kernels up to rounding (tested in float64).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (once
 per machine and torch version, about a minute; it needs a C++ compiler and ninja) and cached
@@ -114,12 +116,17 @@ def _compile() -> tuple[ModuleType | None, str | None]:
     from torch.utils import cpp_extension
 
     name = _build_name()
-    print(
-        "metaml: compiling the fused BatchNorm-pool-ReLU CPU kernel "
-        "(once per machine and torch version, about a minute)...",
-        file=sys.stderr,
-        flush=True,
+    # Say so only when it takes long, i.e. when it compiles rather than loads a cached build.
+    notice = threading.Timer(
+        2.0,
+        lambda: print(
+            "metaml: compiling the fused CPU kernel for conv4's blocks "
+            "(once per machine and torch version, about a minute)...",
+            file=sys.stderr,
+            flush=True,
+        ),
     )
+    notice.start()
     try:
         module = cpp_extension.load(
             name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False
@@ -128,13 +135,15 @@ def _compile() -> tuple[ModuleType | None, str | None]:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
         warnings.warn(
             f"metaml could not compile its fused CPU kernel ({reason}); conv4 runs on torch's "
-            f"kernels instead, a little slower. Install a C++ compiler and `pip install ninja` "
+            f"kernels instead, slower (1.3x per ProtoNet episode here). Install a C++ compiler and `pip install ninja` "
             f"to use it, or set {_ENV}=0 to stop trying.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None, reason
-    log.info("compiled %s", name)
+    finally:
+        notice.cancel()
+    log.info("loaded %s", name)
     return module, None
 
 
