@@ -141,6 +141,45 @@ static void dx_window_row(const T* __restrict__ r0, const T* __restrict__ r2, T*
   }
 }
 
+// BatchNorm's statistics from per-chunk partial sums of (value - shift) and its square, and
+// its affine map y = a * x + b with them; fills mean, the biased variance and 1/std.
+template <typename T>
+static void finish_statistics(const std::vector<T>& ps, const std::vector<T>& pq, int64_t chunks, int64_t C,
+                              int64_t count, const T* shift, const T* wp, const T* bp, double eps, std::vector<T>& a,
+                              std::vector<T>& b, at::Tensor& mean_t, at::Tensor& var_t, at::Tensor& invstd_t) {
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < chunks; ++k) { s += ps[k * C + c]; q += pq[k * C + c]; }
+    const double m = s / count, var = std::max(q / count - m * m, 0.0), mean = double(shift[c]) + m;
+    const double inv = 1.0 / std::sqrt(var + eps), gam = wp ? double(wp[c]) : 1.0;
+    a[c] = T(gam * inv);
+    b[c] = T((bp ? double(bp[c]) : 0.0) - mean * gam * inv);
+    mean_t.data_ptr<T>()[c] = T(mean);
+    var_t.data_ptr<T>()[c] = T(var);
+    invstd_t.data_ptr<T>()[c] = T(inv);
+  }
+}
+
+// From BatchNorm's backward sums per chunk, s1 = sum(dy) and s2 = sum(dy * (x - mean)): the
+// gradients of its weight and bias, and dx = K * dy + A * x + B, which is
+// k * (dy - S1/M - xhat * S2/M) with xhat = (x - mean) * inv and k = weight * inv.
+template <typename T>
+static void backward_coefficients(const std::vector<T>& s1, const std::vector<T>& s2, int64_t chunks, int64_t C,
+                                  int64_t count, const T* mean, const T* inv, const T* wp, at::Tensor& dw,
+                                  at::Tensor& db, std::vector<T>& K, std::vector<T>& A, std::vector<T>& B) {
+  for (int64_t c = 0; c < C; ++c) {
+    double S1 = 0, S2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) { S1 += s1[k * C + c]; S2 += s2[k * C + c]; }
+    S2 *= double(inv[c]);  // the sum of dy * xhat
+    db.data_ptr<T>()[c] = T(S1);
+    dw.data_ptr<T>()[c] = T(S2);
+    const double k = (wp ? double(wp[c]) : 1.0) * double(inv[c]);
+    K[c] = T(k);
+    A[c] = T(-k * double(inv[c]) * S2 / count);
+    B[c] = T(-k * S1 / count + k * double(mean[c]) * double(inv[c]) * S2 / count);
+  }
+}
+
 std::vector<at::Tensor> forward(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias, double eps) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), H2 = H / 2, W2 = W / 2;
   auto out = at::empty({N, C, H2, W2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -160,17 +199,7 @@ std::vector<at::Tensor> forward(at::Tensor x, c10::optional<at::Tensor> weight, 
     std::vector<T> a(C), b(C);
     const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
     const T* bp = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0, q = 0;
-      for (int64_t k = 0; k < chunks; ++k) { s += ps[k * C + c]; q += pq[k * C + c]; }
-      const double m = s / rows, var = std::max(q / rows - m * m, 0.0), mean = shift[c] + m;
-      const double inv = 1.0 / std::sqrt(var + eps), gam = wp ? double(wp[c]) : 1.0;
-      a[c] = T(gam * inv);
-      b[c] = T((bp ? double(bp[c]) : 0.0) - mean * gam * inv);
-      mean_t.data_ptr<T>()[c] = T(mean);
-      var_t.data_ptr<T>()[c] = T(var);
-      invstd_t.data_ptr<T>()[c] = T(inv);
-    }
+    finish_statistics<T>(ps, pq, chunks, C, rows, shift.data(), wp, bp, eps, a, b, mean_t, var_t, invstd_t);
     T* op = out.data_ptr<T>();
     uint8_t* mp = idx.data_ptr<uint8_t>();
     at::parallel_for(0, N * H2, 1, [&](int64_t p0, int64_t p1) {
@@ -208,18 +237,7 @@ std::vector<at::Tensor> backward(at::Tensor g, at::Tensor out, at::Tensor idx, a
       }
     });
     std::vector<T> K(C), A(C), B(C);
-    for (int64_t c = 0; c < C; ++c) {
-      double S1 = 0, S2 = 0;
-      for (int64_t p = 0; p < P; ++p) { S1 += s1[p * C + c]; S2 += s2[p * C + c]; }
-      S2 *= double(inv[c]);  // the sum of grad * xhat
-      db.data_ptr<T>()[c] = T(S1);
-      dw.data_ptr<T>()[c] = T(S2);
-      const double k = (wp ? double(wp[c]) : 1.0) * double(inv[c]);
-      // dx = k * (dy - S1/M - xhat * S2/M), xhat = (x - mean) * inv
-      K[c] = T(k);
-      A[c] = T(-k * double(inv[c]) * S2 / M);
-      B[c] = T(-k * S1 / M + k * double(mean[c]) * double(inv[c]) * S2 / M);
-    }
+    backward_coefficients<T>(s1, s2, P, C, M, mean, inv, wp, dw, db, K, A, B);
     T* dp = dx.data_ptr<T>();
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
@@ -332,17 +350,7 @@ static void forward_impl(const at::Tensor& img, const at::Tensor& cw, const at::
   });
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> A(g.C), B(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    double s = 0, q = 0;
-    for (int64_t k = 0; k < chunks; ++k) { s += ps[k * g.C + c]; q += pq[k * g.C + c]; }
-    const double m = s / M, var = std::max(q / M - m * m, 0.0), mean = double(cbp[c]) + m;
-    const double inv = 1.0 / std::sqrt(var + eps), gam = wp ? double(wp[c]) : 1.0;
-    A[c] = T(gam * inv);
-    B[c] = T((bp ? double(bp[c]) : 0.0) - mean * gam * inv);
-    mean_t.data_ptr<T>()[c] = T(mean);
-    var_t.data_ptr<T>()[c] = T(var);
-    invstd_t.data_ptr<T>()[c] = T(inv);
-  }
+  finish_statistics<T>(ps, pq, chunks, g.C, M, cbp, wp, bp, eps, A, B, mean_t, var_t, invstd_t);
   T* op = out.data_ptr<T>();
   uint8_t* mp = idx.data_ptr<uint8_t>();
   at::parallel_for(0, g.N * g.H2, 1, [&](int64_t p0, int64_t p1) {
@@ -429,17 +437,7 @@ static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at:
   });
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> KK(g.C), A(g.C), B(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    double S1 = 0, S2 = 0;
-    for (int64_t k = 0; k < chunks1; ++k) { S1 += s1[k * g.C + c]; S2 += s2[k * g.C + c]; }
-    S2 *= double(inv[c]);
-    dbet.data_ptr<T>()[c] = T(S1);
-    dgam.data_ptr<T>()[c] = T(S2);
-    const double kk = (wp ? double(wp[c]) : 1.0) * double(inv[c]);
-    KK[c] = T(kk);
-    A[c] = T(-kk * double(inv[c]) * S2 / M);
-    B[c] = T(-kk * S1 / M + kk * double(mean[c]) * double(inv[c]) * S2 / M);
-  }
+  backward_coefficients<T>(s1, s2, chunks1, g.C, M, mean, inv, wp, dgam, dbet, KK, A, B);
   const int64_t rows = g.N * g.H, chunks = std::min<int64_t>(rows, 32);
   std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
   at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
