@@ -318,11 +318,22 @@ static std::vector<T> blocked_weight(const at::Tensor& cw, int64_t C, int64_t Ci
   return out;
 }
 
+// The sizes of a first block: images (N, Cin, H, W), C filters, the pooled and padded maps.
+static Geo geometry(const at::Tensor& img, const at::Tensor& cw) {
+  const int64_t H = img.size(2), W = img.size(3);
+  return Geo{img.size(0), img.size(1), H, W, cw.size(0), H / 2, W / 2, H + 2, W + 2};
+}
+
+// The images zero-padded by one pixel, (N, H+2, W+2, Cin) contiguous: patches need no bounds checks.
+static at::Tensor padded_nhwc(const at::Tensor& img) {
+  return at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
+}
+
 template <int KN, typename T>
 static void forward_impl(const at::Tensor& img, const at::Tensor& cw, const at::Tensor& cb, const T* wp, const T* bp,
                          double eps, at::Tensor& out, at::Tensor& idx, at::Tensor& mean_t, at::Tensor& var_t, at::Tensor& invstd_t) {
-  Geo g{img.size(0), img.size(1), img.size(2), img.size(3), cw.size(0), img.size(2) / 2, img.size(3) / 2, img.size(2) + 2, img.size(3) + 2};
-  auto padded = at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
+  const Geo g = geometry(img, cw);
+  const at::Tensor padded = padded_nhwc(img);
   const T* pad = padded.data_ptr<T>();
   const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
   const T* cbp = cb.data_ptr<T>();
@@ -400,8 +411,8 @@ template <int KN, typename T>
 static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at::Tensor& idx, const at::Tensor& img,
                           const at::Tensor& cw, const at::Tensor& cb, const T* mean, const T* inv, const T* wp,
                           at::Tensor& dcw, at::Tensor& dcb, at::Tensor& dgam, at::Tensor& dbet) {
-  Geo g{img.size(0), img.size(1), img.size(2), img.size(3), cw.size(0), img.size(2) / 2, img.size(3) / 2, img.size(2) + 2, img.size(3) + 2};
-  auto padded = at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
+  const Geo g = geometry(img, cw);
+  const at::Tensor padded = padded_nhwc(img);
   const T* pad = padded.data_ptr<T>();
   const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
   const T *cbp = cb.data_ptr<T>(), *gp = gr.data_ptr<T>(), *op = out.data_ptr<T>();
