@@ -173,6 +173,8 @@ def test_torchs_kernels_run_where_the_fused_one_does_not_apply(kernel_calls: lis
     assert torch.allclose(batch_norm_pool_relu(x, None, None), _reference(x, None, None))  # NCHW
     cl = x.contiguous(memory_format=CL)
     batch_norm_pool_relu(cl.bfloat16(), None, None)  # a dtype it is not built for
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 in, but bf16 is asked for
+        batch_norm_pool_relu(cl, None, None)
     strided = torch.ones(6)[::2]  # a weight the kernel cannot read as a plain array
     torch.testing.assert_close(
         batch_norm_pool_relu(cl, strided, None), _reference(cl, strided, None)

@@ -13,9 +13,9 @@ The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is n
 per machine and torch version, about a minute; it needs a C++ compiler and ninja) and cached
 under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``). Where it cannot
 compile, or ``METAML_FUSED_KERNELS=0`` is set, or :func:`set_fused_kernels` turned it off,
-everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms
-and ``torch.compile``, for other dtypes than float32/float64, and for inputs that are not
-channels-last.
+everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms,
+``torch.compile`` and autocast, for other dtypes than float32/float64, and for inputs that
+are not channels-last.
 
 Example:
     >>> x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -248,6 +248,8 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
 
     # transforms first: under vmap, x.is_contiguous(memory_format=...) raises
     if not _enabled or _inside_transform() or x.device.type != "cpu" or x.dim() != 4:
+        return False
+    if torch.is_autocast_enabled("cpu"):  # bf16 autocast computes in bf16: torch's kernels
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.size(2) < 2 or x.size(3) < 2:
         return False
