@@ -41,7 +41,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine
 from metaml.device import reuse_cpu_memory
-from metaml.nn.fused import fused_kernels_available, set_fused_kernels
+from metaml.nn.fused import fused_kernels, fused_kernels_available
 
 Step = Callable[[], Any]
 
@@ -405,11 +405,8 @@ def without_fused_kernel(step: Step) -> Step:
     """
 
     def unfused() -> Any:
-        previous = set_fused_kernels(False)
-        try:
+        with fused_kernels(False):
             return step()
-        finally:
-            set_fused_kernels(previous)
 
     return unfused
 

@@ -15,7 +15,7 @@ from helpers import conv_batch, meta_gradient
 from metaml.algorithms.gbml import FOMAML, MAML
 from metaml.algorithms.protonet import ProtoNet
 from metaml.nn import channels_last_input, create_backbone, fused
-from metaml.nn.fused import batch_norm_pool_relu, fused_kernels_available, set_fused_kernels
+from metaml.nn.fused import batch_norm_pool_relu, fused_kernels, fused_kernels_available
 from metaml.tasks import TaskBatch
 
 CL = torch.channels_last
@@ -116,8 +116,7 @@ def test_conv4_trains_the_same_with_and_without_it(kernel_calls: list) -> None:
     images = conv_batch(1).query_x[0]
     results = []
     for enabled in (True, False):
-        previous = set_fused_kernels(enabled)
-        try:
+        with fused_kernels(enabled):
             torch.manual_seed(0)
             net = create_backbone("conv4", num_outputs=5, hidden=8).double()
             net.features[5].momentum = None  # the second block: a cumulative average
@@ -126,8 +125,6 @@ def test_conv4_trains_the_same_with_and_without_it(kernel_calls: list) -> None:
             grads = torch.autograd.grad(sum(o.square().sum() for o in out), list(net.parameters()))
             net.eval()
             results.append((out, grads, [t.clone() for t in net.buffers()], net(batch)))
-        finally:
-            set_fused_kernels(previous)
     # 4 blocks x 2 training passes, the first with its convolution; eval runs torch's kernels
     assert [c[0] == "conv" for c in kernel_calls] == [True, False, False, False] * 2
     (out, grads, buffers, evaluated), (out_ref, grads_ref, buffers_ref, evaluated_ref) = results
@@ -146,14 +143,11 @@ def test_maml_meta_gradient_unchanged(kernel_calls: list, cls: type) -> None:
     batch = conv_batch(2)
     results = []
     for enabled in (True, False):
-        previous = set_fused_kernels(enabled)
-        try:
+        with fused_kernels(enabled):
             torch.manual_seed(0)
             net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
             learner = cls(net.double(), inner_lr=0.4, inner_steps=2, vectorize="loop").double()
             results.append(meta_gradient(learner, batch))
-        finally:
-            set_fused_kernels(previous)
     assert kernel_calls
     (metrics, grads), (metrics_ref, grads_ref) = results
     assert metrics["loss"] == pytest.approx(metrics_ref["loss"], rel=1e-12)
@@ -180,11 +174,8 @@ def test_torchs_kernels_run_where_the_fused_one_does_not_apply(kernel_calls: lis
         batch_norm_pool_relu(cl, strided, None), _reference(cl, strided, None)
     )
     torch.func.grad(lambda t: batch_norm_pool_relu(t, None, None).sum())(cl)  # a transform
-    previous = set_fused_kernels(False)
-    try:
+    with fused_kernels(False):
         batch_norm_pool_relu(cl, None, None)
-    finally:
-        set_fused_kernels(previous)
     assert kernel_calls == []
     batch_norm_pool_relu(cl, None, None)
     assert kernel_calls == [(4, 3, 6, 6)]

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ import platform
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,6 +69,22 @@ def set_fused_kernels(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, the fused CPU kernel on or off; the previous setting after it.
+
+    Example:
+        >>> with fused_kernels(False):
+        ...     fused_kernels_available()
+        False
+    """
+    previous = set_fused_kernels(enabled)
+    try:
+        yield
+    finally:
+        set_fused_kernels(previous)
 
 
 def fused_kernels_available() -> bool:
@@ -408,7 +426,9 @@ def _first_block_fusable(
     conv: nn.Module, norm: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor
 ) -> bool:
     """Whether :class:`_ConvBatchNormPoolReLU` computes this block."""
-    if not isinstance(conv, nn.Conv2d) or not _block_fusable(norm, pool, act) or _hooked(conv):
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels not in (1, 3):
+        return False  # not a first block: blocks 2-4 go straight to norm_pool_relu
+    if not _block_fusable(norm, pool, act) or _hooked(conv):
         return False
     plain_3x3 = (
         conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
