@@ -17,6 +17,7 @@ from metaml.functional import (
     inner_gradients,
     inner_loop,
     map_tasks,
+    recomputed_inner_loop,
     sgd_step,
     use_batch_statistics_,
     vmap_safe,
@@ -231,3 +232,71 @@ def test_inner_gradients_ignore_an_outer_no_grad(
         w -= 0.05 * 4 * (w * 2 - 3)
     assert fast["w"].item() == pytest.approx(w)
     assert not fast["w"].requires_grad
+
+
+def _recomputable_problem() -> tuple[
+    dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor
+]:
+    """A two-layer tanh net whose second layer's bias is meta-learned but not adapted (a
+    ``fixed`` tensor), one unused parameter, and a learned per-step rate: float64."""
+    torch.manual_seed(0)
+    params = {
+        "w1": torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
+        "w2": torch.randn(2, 4, dtype=torch.float64, requires_grad=True),
+        "unused": torch.randn(2, dtype=torch.float64, requires_grad=True),
+    }
+    fixed = {"b2": torch.randn(2, dtype=torch.float64, requires_grad=True)}
+    rates = torch.tensor([0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    return params, fixed, rates
+
+
+def _recomputable_loss(x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    def loss_at(t: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        out = torch.tanh(x @ t["w1"].T) @ t["w2"].T + t["b2"]
+        return (out - y).pow(2).mean()
+
+    return loss_at
+
+
+def test_recomputed_inner_loop_gives_inner_loops_values_and_meta_gradient() -> None:
+    """Same fast weights, and the same gradients w.r.t. the initial parameters, a fixed
+    (meta-learned, not adapted) tensor and learned elementwise and per-step rates."""
+    params, fixed, rates = _recomputable_problem()
+    sx, sy, qx, qy = (torch.randn(6, n, dtype=torch.float64) for n in (3, 2, 3, 2))
+    elementwise = torch.full((4, 3), 0.25, dtype=torch.float64, requires_grad=True)
+    lr = lambda step: {"w1": elementwise, "w2": rates[step], "unused": 0.1}  # noqa: E731
+    support, query = _recomputable_loss(sx, sy), _recomputable_loss(qx, qy)
+    inputs = [*params.values(), *fixed.values(), rates, elementwise]
+
+    def meta_gradient(recompute: bool) -> tuple[torch.Tensor, ...]:
+        if recompute:
+            fast = recomputed_inner_loop(
+                support, params, steps=2, lr=lr, fixed_at=lambda step: fixed
+            )
+        else:
+            fast = inner_loop(lambda p, step: support({**p, **fixed}, step), params, steps=2, lr=lr)
+        loss = query({**fast, **fixed}, 2)
+        return (loss, *torch.autograd.grad(loss, inputs, allow_unused=True))
+
+    ref, got = meta_gradient(False), meta_gradient(True)
+    for a, b in zip(got, ref, strict=True):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_recomputed_inner_loop_passes_gradcheck() -> None:
+    """Against finite differences, not only against inner_loop."""
+    params, fixed, rates = _recomputable_problem()
+    sx, sy, qx = (torch.randn(5, n, dtype=torch.float64) for n in (3, 2, 3))
+    support = _recomputable_loss(sx, sy)
+
+    def query_outputs(w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, r: torch.Tensor):  # type: ignore[no-untyped-def]
+        fast = recomputed_inner_loop(
+            support, {"w1": w1, "w2": w2}, steps=2, lr=lambda step: r[step],
+            fixed_at=lambda step: {"b2": b2},
+        )  # fmt: skip
+        return torch.tanh(qx @ fast["w1"].T) @ fast["w2"].T + b2
+
+    assert torch.autograd.gradcheck(query_outputs, (params["w1"], params["w2"], fixed["b2"], rates))

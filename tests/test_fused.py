@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -262,16 +263,22 @@ def test_first_block_only_where_the_kernel_can_compute_it(kernel_calls: list) ->
     assert kernel_calls == [(4, 6, 6, 6)]
 
 
-def test_a_failed_build_warns_once_and_runs_on_torchs_kernels(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """No compiler or ninja: one RuntimeWarning that names the fix, then the same values."""
+def _no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to build the kernel fail as it does without ninja."""
     from torch.utils import cpp_extension
 
     def no_compiler(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
+
+
+def test_a_failed_build_warns_once_and_runs_on_torchs_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No compiler or ninja: one RuntimeWarning that names the fix, then the same values."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build there
+    _no_compiler(monkeypatch)
     monkeypatch.setattr(fused, "_extension", None)
     monkeypatch.setattr(fused, "_build_error", None)
     x = torch.randn(4, 3, 6, 6).contiguous(memory_format=CL)
@@ -282,3 +289,25 @@ def test_a_failed_build_warns_once_and_runs_on_torchs_kernels(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not again
         batch_norm_pool_relu(x, None, None)
+
+
+@pytest.mark.skipif(not fused_kernels_available(), reason="the kernel did not build here")
+def test_a_cached_build_is_imported_without_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later process imports the finished build directly: no compiler run, no warning."""
+    _no_compiler(monkeypatch)
+    monkeypatch.setattr(fused, "_extension", None)
+    monkeypatch.setattr(fused, "_build_error", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused_kernels_available()
+
+
+def test_a_build_in_progress_or_half_written_is_not_imported(tmp_path: Path) -> None:
+    """While another process holds torch's lock, or when the library does not load, the cached
+    import steps aside (and ``cpp_extension`` waits for, or redoes, the build)."""
+    name = "metaml_bn_pool_relu_test"
+    (tmp_path / f"{name}.so").write_bytes(b"\x7fELF truncated")
+    assert fused._import_cached(name, tmp_path) is None
+    (tmp_path / "lock").touch()
+    assert fused._import_cached(name, tmp_path) is None
+    assert fused._import_cached(name, tmp_path / "missing") is None

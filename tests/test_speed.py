@@ -129,6 +129,30 @@ def test_low_memory_off_the_training_path_is_the_ordinary_loss() -> None:
     assert not loss.requires_grad and set(metrics) == {"loss", "acc"}
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "recomputed"),
+    [
+        (MAML, {"low_memory": True}, True),
+        (MAML, {"low_memory": True, "first_order": True}, False),  # no second-order graph
+        (ANIL, {"low_memory": True}, False),  # its steps' graphs are the head's
+        (MAML, {}, False),
+    ],
+)
+def test_low_memory_recomputes_the_steps_of_second_order_training(
+    cls: type, kwargs: dict, recomputed: bool
+) -> None:
+    """``low_memory`` second-order steps go through recomputed_inner_loop (their meta-gradient
+    is tested above against vmap's); first order and ANIL keep the ordinary steps."""
+    net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
+    learner = cls(net.double(), inner_lr=0.4, inner_steps=2, **kwargs)
+    b = conv_batch(1)
+    fast = learner._adapt_fast(
+        learner._embed(b.support_x[0]), b.support_y[0], 2, learner.first_order
+    )
+    kinds = {type(t.grad_fn).__name__ for t in fast.values()}
+    assert (kinds == {"_RecomputedStepBackward"}) is recomputed, kinds
+
+
 def test_trainer_precision_bf16_runs_meta_loss_under_autocast(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from metaml.config import TrainConfig
     from metaml.data import Sinusoid

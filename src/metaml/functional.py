@@ -55,6 +55,7 @@ __all__ = [
     "inner_gradients",
     "inner_loop",
     "map_tasks",
+    "recomputed_inner_loop",
     "sgd_step",
     "use_batch_statistics_",
     "vmap_safe",
@@ -149,6 +150,139 @@ def inner_loop(
         rates = lr(step) if callable(lr) else lr
         params = sgd_step(params, grads, rates)
     return params
+
+
+def recomputed_inner_loop(
+    loss_at: LossAt,
+    params: Params,
+    *,
+    steps: int,
+    lr: LearningRate,
+    fixed_at: Callable[[int], Params],
+    forward_loss_at: LossAt | None = None,
+) -> Params:
+    """:func:`inner_loop`, second order, holding no step's graph between forward and backward.
+
+    Each step keeps only its inputs; the backward recomputes the step's support pass with
+    ``create_graph`` and takes the vector-Hessian product it needs from it, one step at a
+    time. Peak memory is one step's double-backward graph instead of ``steps`` of them, for
+    one more support pass (forward and backward) per step. The meta-gradient is the same as
+    :func:`inner_loop`'s (tested in float64).
+
+    ``loss_at(tensors, step)`` must read every tensor it differentiates through from
+    ``tensors``: the adapted ``params`` merged with ``fixed_at(step)``, the other tensors of
+    the step that need a gradient (meta-learned but not adapted: MAML++'s per-step BatchNorm
+    affine, a frozen layer). A tensor it closes over instead would get no gradient. Learned
+    rates (tensors in ``lr``) get theirs. Differentiable once: the meta-gradient itself has
+    no graph. ``forward_loss_at``, if given, is the same loss for the forward's plain
+    gradient, computed a faster way whose double backward would be slow (channels-last conv4).
+
+    Example:
+        >>> w = {"w": torch.tensor(0.0, requires_grad=True)}
+        >>> loss_at = lambda p, s: (p["w"] - 1.0) ** 2
+        >>> fast = recomputed_inner_loop(loss_at, w, steps=2, lr=0.25, fixed_at=lambda s: {})
+        >>> round(fast["w"].item(), 4), round(torch.autograd.grad(fast["w"], w["w"])[0].item(), 4)
+        (0.75, 0.25)
+    """
+    names = list(params)
+    for step in range(steps):
+        rates = lr(step) if callable(lr) else lr
+        fixed = fixed_at(step)
+        layout = _StepLayout(
+            loss_at, forward_loss_at or loss_at, step, names, list(fixed),
+            [_rate(rates, n) for n in names],
+        )  # fmt: skip
+        tensor_rates = [r for r in layout.rates if isinstance(r, Tensor)]
+        new = _RecomputedStep.apply(layout, *params.values(), *fixed.values(), *tensor_rates)
+        params = dict(zip(names, new, strict=True))
+    return params
+
+
+class _StepLayout(NamedTuple):
+    """What :class:`_RecomputedStep` needs besides its tensors, and how they are laid out:
+    ``params`` then ``fixed`` then the rates that are tensors, in ``rates`` order."""
+
+    loss_at: LossAt
+    forward_loss_at: LossAt
+    step: int
+    names: list[str]
+    fixed_names: list[str]
+    rates: list[Rate]
+
+    def split(self, tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Rate]]:
+        count, fixed = len(self.names), len(self.fixed_names)
+        params, rest = list(tensors[:count]), iter(tensors[count + fixed :])
+        rates = [next(rest) if isinstance(r, Tensor) else r for r in self.rates]
+        return params, list(tensors[count : count + fixed]), rates
+
+    def loss(self, params: Sequence[Tensor], fixed: Sequence[Tensor], forward: bool) -> Tensor:
+        tensors = dict(zip(self.names, params, strict=True))
+        tensors.update(zip(self.fixed_names, fixed, strict=True))
+        return (self.forward_loss_at if forward else self.loss_at)(tensors, self.step)
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """``p - rate * ∂loss/∂p`` whose backward recomputes the step (:func:`recomputed_inner_loop`)."""
+
+    @staticmethod
+    def forward(ctx: Any, layout: _StepLayout, *tensors: Tensor) -> tuple[Tensor, ...]:
+        params, fixed, rates = layout.split(tensors)
+        with torch.enable_grad():  # a first-order gradient: no graph kept past this line
+            leaves = [p.detach().requires_grad_() for p in params]
+            loss = layout.loss(leaves, [f.detach() for f in fixed], forward=True)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+        return tuple(
+            p.clone() if g is None else p - _detached(r) * g
+            for p, g, r in zip(params, grads, rates, strict=True)
+        )
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grad_new: Tensor | None) -> tuple[Tensor | None, ...]:
+        layout: _StepLayout = ctx.layout
+        params, fixed, rates = layout.split(ctx.saved_tensors)
+        vs = [
+            torch.zeros_like(p) if v is None else v for p, v in zip(params, grad_new, strict=True)
+        ]
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in params]
+            wanted = ctx.needs_input_grad[1 + len(params) : 1 + len(params) + len(fixed)]
+            fixed_leaves = [
+                f.detach().requires_grad_(w) for f, w in zip(fixed, wanted, strict=True)
+            ]
+            loss = layout.loss(leaves, fixed_leaves, forward=False)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            # new = p - r * g(p, fixed): d<v, new>/dp = v - ∂<r v, g>/∂p, d/dfixed = -∂<r v, g>/∂fixed
+            used = [
+                (g, _detached(r) * v)
+                for g, r, v in zip(grads, rates, vs, strict=True)
+                if g is not None
+            ]
+            inner = sum(((g * rv).sum() for g, rv in used), torch.zeros((), device=vs[0].device))
+            targets = leaves + [f for f in fixed_leaves if f.requires_grad]
+            found: Sequence[Tensor | None] = (
+                torch.autograd.grad(inner, targets, allow_unused=True)
+                if inner.requires_grad
+                else [None] * len(targets)
+            )
+        d_params = [v if c is None else v - c for v, c in zip(vs, found[: len(vs)], strict=True)]
+        of_fixed = iter(found[len(vs) :])
+        d_fixed = [
+            (None if (c := next(of_fixed)) is None else -c) if f.requires_grad else None
+            for f in fixed_leaves
+        ]
+        d_rates = [
+            None if g is None else -(v * g.detach()).sum_to_size(r.shape)
+            for g, v, r in zip(grads, vs, rates, strict=True)
+            if isinstance(r, Tensor)
+        ]
+        return (None, *d_params, *d_fixed, *d_rates)
+
+
+def _detached(rate: Rate) -> Rate:
+    return rate.detach() if isinstance(rate, Tensor) else rate
 
 
 class AdamState(NamedTuple):

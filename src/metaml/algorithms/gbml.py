@@ -66,6 +66,7 @@ from metaml.functional import (
     VectorizeChooser,
     inner_loop,
     map_tasks,
+    recomputed_inner_loop,
     use_batch_statistics_,
     vmap_safe,
 )
@@ -232,12 +233,40 @@ class GradientBasedLearner(MetaLearner):
     ) -> Params:
         """Fast parameters after ``steps`` inner steps on embedded support inputs."""
 
+        if self._recompute_steps(first_order):
+            return self._adapt_fast_recomputed(support_x, support_y, steps)
+
         def loss_at(fast: Params, step: int) -> Tensor:
             return task_loss(self.task_type, self._predict(fast, support_x, step), support_y)
 
         return inner_loop(
             loss_at, self._initial_fast(), steps=steps, lr=self._lr_at, first_order=first_order
         )
+
+    def _recompute_steps(self, first_order: bool) -> bool:
+        """Whether the inner steps recompute their graphs in the backward (``low_memory``):
+        while training second order, where the steps run the backbone (not ANIL's, whose
+        steps' graphs are the head's, small)."""
+        second_order = torch.is_grad_enabled() and not first_order
+        return self.low_memory and second_order and self._inner_steps_run_backbone
+
+    def _adapt_fast_recomputed(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
+        """:meth:`_adapt_fast` through :func:`~metaml.functional.recomputed_inner_loop`."""
+        fast_names = set(self._fast_names())
+        others = {n: p for n, p in self.model.named_parameters() if n not in fast_names}
+
+        def loss_on(x: Tensor) -> Callable[[Params, int], Tensor]:
+            return lambda tensors, step: task_loss(
+                self.task_type, call_module(self.model, tensors, x), support_y
+            )
+
+        # The forward's plain gradients in the fastest layout (fused conv4 blocks); only the
+        # recomputation, differentiated twice, in the default one (see _inputs).
+        return recomputed_inner_loop(
+            loss_on(support_x), self._initial_fast(), steps=steps, lr=self._lr_at,
+            fixed_at=lambda step: {**others, **self._bn_at(step)},
+            forward_loss_at=loss_on(channels_last_input(self.model, support_x)),
+        )  # fmt: skip
 
     def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """One task: (query loss after adaptation, query outputs)."""

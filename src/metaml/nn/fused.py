@@ -11,7 +11,8 @@ kernels up to rounding (tested in float64).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (once
 per machine and torch version, about a minute; it needs a C++ compiler and ninja) and cached
-under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``). Where it cannot
+under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``); later processes
+import the cached build directly. Where it cannot
 compile, or ``METAML_FUSED_KERNELS=0`` is set, or :func:`set_fused_kernels` turned it off,
 everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms,
 ``torch.compile`` and autocast, for other dtypes than float32/float64, and for inputs that
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -105,6 +107,8 @@ def _build_name() -> str:
     """
     digest = hashlib.sha256(_SOURCE.read_bytes())
     digest.update(torch.__version__.encode())
+    digest.update(f"{torch.version.cuda} {torch.version.hip}".encode())
+    digest.update(sys.implementation.cache_tag.encode())  # the Python ABI it is built for
     digest.update(platform.machine().encode())
     digest.update(_cpu_flags().encode())
     return f"metaml_bn_pool_relu_{digest.hexdigest()[:16]}"
@@ -130,10 +134,43 @@ def _load() -> ModuleType | None:
     return _extension
 
 
+def _build_directory(name: str) -> Path:
+    """Where the build lives: ``$TORCH_EXTENSIONS_DIR/<name>``, else under the user's cache."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
+        )
+    return Path(root) / name
+
+
+def _import_cached(name: str, directory: Path) -> ModuleType | None:
+    """The finished build in ``directory``, imported without ``torch.utils.cpp_extension``
+    (whose import and up-to-date check add ~4 MiB and a ninja run to every process); ``None``
+    while there is none, or while another process is building it (torch's lock file)."""
+    library = directory / f"{name}.so"
+    if not library.is_file() or (directory / "lock").exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:  # half-written or stale: cpp_extension rebuilds it
+        log.info("not using the cached %s: %s", library, exc)
+        return None
+    return module
+
+
 def _compile() -> tuple[ModuleType | None, str | None]:
+    name = _build_name()
+    directory = _build_directory(name)
+    cached = _import_cached(name, directory)
+    if cached is not None:
+        return cached, None
     from torch.utils import cpp_extension
 
-    name = _build_name()
     # Say so only when it takes long, i.e. when it compiles rather than loads a cached build.
     notice = threading.Timer(
         2.0,
@@ -146,9 +183,11 @@ def _compile() -> tuple[ModuleType | None, str | None]:
     )
     notice.start()
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
-            name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False
-        )
+            name, [str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
+            build_directory=str(directory), verbose=False,
+        )  # fmt: skip
     except Exception as exc:  # no compiler, no ninja, an unsupported flag: run on torch's kernels
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
         warnings.warn(
