@@ -300,3 +300,37 @@ def test_recomputed_inner_loop_passes_gradcheck() -> None:
         return torch.tanh(qx @ fast["w1"].T) @ fast["w2"].T + b2
 
     assert torch.autograd.gradcheck(query_outputs, (params["w1"], params["w2"], fixed["b2"], rates))
+
+
+def test_recomputed_inner_loop_replays_dropout_and_autocast() -> None:
+    """The backward recomputes each step with the forward's random draws (dropout masks) and
+    under its autocast mode, so the meta-gradient is that of the function computed."""
+    params, fixed, _ = _recomputable_problem()
+    sx, sy, qx, qy = (torch.randn(6, n, dtype=torch.float64) for n in (3, 2, 3, 2))
+    modes: list[bool] = []
+
+    def dropped(x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+        def loss_at(t: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+            modes.append(torch.is_autocast_enabled("cpu"))
+            hidden = torch.nn.functional.dropout(torch.tanh(x @ t["w1"].T), 0.5, training=True)
+            return ((hidden @ t["w2"].T + t["b2"] - y) ** 2).mean()
+
+        return loss_at
+
+    support, query = dropped(sx, sy), dropped(qx, qy)
+
+    def meta_gradient(recompute: bool) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(3)
+        if recompute:
+            fast = recomputed_inner_loop(support, params, steps=2, lr=0.3, fixed_at=lambda s: fixed)
+        else:
+            fast = inner_loop(lambda p, s: support({**p, **fixed}, s), params, steps=2, lr=0.3)
+        loss = query({**fast, **fixed}, 2)
+        return torch.autograd.grad(loss, [params["w1"], params["w2"], fixed["b2"]])
+
+    for a, b in zip(meta_gradient(True), meta_gradient(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    modes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        meta_gradient(True)
+    assert len(modes) == 5 and all(modes)  # 2 forward steps, the query, 2 recomputed steps

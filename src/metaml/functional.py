@@ -23,10 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeAlias
 
 import torch
@@ -227,6 +228,7 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, layout: _StepLayout, *tensors: Tensor) -> tuple[Tensor, ...]:
         params, fixed, rates = layout.split(tensors)
+        ctx.replay = _Replay(params[0].device)
         with torch.enable_grad():  # a first-order gradient: no graph kept past this line
             leaves = [p.detach().requires_grad_() for p in params]
             loss = layout.loss(leaves, [f.detach() for f in fixed], forward=True)
@@ -246,7 +248,7 @@ class _RecomputedStep(torch.autograd.Function):
         vs = [
             torch.zeros_like(p) if v is None else v for p, v in zip(params, grad_new, strict=True)
         ]
-        with torch.enable_grad():
+        with torch.enable_grad(), ctx.replay():
             leaves = [p.detach().requires_grad_() for p in params]
             wanted = ctx.needs_input_grad[1 + len(params) : 1 + len(params) + len(fixed)]
             fixed_leaves = [
@@ -279,6 +281,29 @@ class _RecomputedStep(torch.autograd.Function):
             if isinstance(r, Tensor)
         ]
         return (None, *d_params, *d_fixed, *d_rates)
+
+
+class _Replay:
+    """The autocast mode and random state a step's forward ran under, to recompute it under
+    the same in the backward (as ``torch.utils.checkpoint`` does): the same precision and the
+    same dropout masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        kind = device.type
+        self.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if kind == "cuda" else None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        enabled, dtype = self.autocast
+        with torch.random.fork_rng(devices=[self.device] if self.cuda_rng is not None else []):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
+                yield
 
 
 def _detached(rate: Rate) -> Rate:
