@@ -110,7 +110,8 @@ class _GradientBased(_Strict):
     low_memory: bool = Field(
         False,
         description="always the loop with one task's graph alive at a time (never vmap or "
-        "compile, which hold the whole meta-batch's graph)",
+        "compile, which hold the whole meta-batch's graph), and second-order inner steps "
+        "recomputed in the backward instead of kept (one step's graph at a time)",
     )
     compile: bool = Field(
         False, description="run the meta-batch through torch.compile (wins for small models)"

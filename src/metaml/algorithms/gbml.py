@@ -10,8 +10,11 @@ meta-batch is processed with ``vmap`` or a Python loop (``vectorize``), and the 
 Memory: while training, the loop path computes each task's meta-gradient as soon as its query
 loss is known and frees its graph, so one task's graph (one per task thread) is alive at a time
 instead of the whole meta-batch's; the meta-gradient is the same as ``vmap``'s (tested).
-``low_memory=True`` always takes that path: never ``vmap``, whose batched graph holds every
-task, nor ``compile``.
+``low_memory=True`` always takes that path (never ``vmap``, whose batched graph holds every
+task, nor ``compile``), and its second-order inner steps that run the backbone keep no graph:
+each step keeps its inputs, and the backward recomputes it, one step at a time
+(:func:`~metaml.functional.recomputed_inner_loop`). On 5-step conv4 MAML that takes the
+tensors alive at the peak from 47 to 18 MiB, for one more support pass per step (docs/speed.md).
 
 Task threads: ``task_threads=N`` computes N of the meta-batch's tasks at once on the loop
 path while training (N > 1 always takes the loop, and excludes ``compile`` and ``vmap``), and
