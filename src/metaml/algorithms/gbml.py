@@ -14,7 +14,7 @@ instead of the whole meta-batch's; the meta-gradient is the same as ``vmap``'s (
 task, nor ``compile``), and its second-order inner steps that run the backbone keep no graph:
 each step keeps its inputs, and the backward recomputes it, one step at a time
 (:func:`~metaml.functional.recomputed_inner_loop`). On 5-step conv4 MAML that takes the
-tensors alive at the peak from 47 to 18 MiB, for one more support pass per step (docs/speed.md).
+tensors alive at the peak from 47 to 19 MiB, for one more support pass per step (docs/speed.md).
 
 Task threads: ``task_threads=N`` computes N of the meta-batch's tasks at once on the loop
 path while training (N > 1 always takes the loop, and excludes ``compile`` and ``vmap``), and
