@@ -318,6 +318,22 @@ static std::vector<T> blocked_weight(const at::Tensor& cw, int64_t C, int64_t Ci
   return out;
 }
 
+// How the first block's passes split rows among threads: at most 32 chunks of rows, each
+// crossed with every 8-channel block. Each chunk writes its own partial sums, added up in chunk
+// order afterwards, so the result does not depend on the thread count.
+static int64_t chunk_count(int64_t rows) { return std::min<int64_t>(rows, 32); }
+
+// fn(chunk, block, first_row, end_row) for every chunk of [0, rows) and every block, in parallel.
+template <typename F>
+static void for_chunks_and_blocks(int64_t rows, int64_t chunks, int64_t blocks, const F& fn) {
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / blocks;
+      fn(k, t % blocks, rows * k / chunks, rows * (k + 1) / chunks);
+    }
+  });
+}
+
 // The sizes of a first block: images (N, Cin, H, W), C filters, the pooled and padded maps.
 static Geo geometry(const at::Tensor& img, const at::Tensor& cw) {
   const int64_t H = img.size(2), W = img.size(3);
@@ -337,27 +353,24 @@ static void forward_impl(const at::Tensor& img, const at::Tensor& cw, const at::
   const T* pad = padded.data_ptr<T>();
   const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
   const T* cbp = cb.data_ptr<T>();
-  const int64_t blocks = g.C / L, rows = g.N * g.H, chunks = std::min<int64_t>(rows, 32);
+  const int64_t blocks = g.C / L, rows = g.N * g.H, chunks = chunk_count(rows);
   std::vector<T> ps(chunks * g.C), pq(chunks * g.C);
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t / blocks, blk = t % blocks;
-      const T* w = wb.data() + blk * KN * L;
-      const Vec<T> b = load<T>(cbp + blk * L);
-      Vec<T> s = {}, q = {};
-      T p[KN];
-      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-        const int64_t n = r / g.H, h = r % g.H;
-        for (int64_t wc = 0; wc < g.W; ++wc) {
-          patch<KN>(pad, g, n, h, wc, p);
-          const Vec<T> d = conv8<KN>(p, w, b) - b;  // shifted by the bias: a small mean is left
-          s += d;
-          q += d * d;
-        }
+  for_chunks_and_blocks(rows, chunks, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+    const T* w = wb.data() + blk * KN * L;
+    const Vec<T> b = load<T>(cbp + blk * L);
+    Vec<T> s = {}, q = {};
+    T p[KN];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.H, h = r % g.H;
+      for (int64_t wc = 0; wc < g.W; ++wc) {
+        patch<KN>(pad, g, n, h, wc, p);
+        const Vec<T> d = conv8<KN>(p, w, b) - b;  // shifted by the bias: a small mean is left
+        s += d;
+        q += d * d;
       }
-      store<T>(ps.data() + k * g.C + blk * L, s);
-      store<T>(pq.data() + k * g.C + blk * L, q);
     }
+    store<T>(ps.data() + k * g.C + blk * L, s);
+    store<T>(pq.data() + k * g.C + blk * L, q);
   });
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> A(g.C), B(g.C);
@@ -417,69 +430,63 @@ static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at:
   const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
   const T *cbp = cb.data_ptr<T>(), *gp = gr.data_ptr<T>(), *op = out.data_ptr<T>();
   const uint8_t* mp = idx.data_ptr<uint8_t>();
-  const int64_t blocks = g.C / L, P = g.N * g.H2, chunks1 = std::min<int64_t>(P, 32);
+  const int64_t blocks = g.C / L, P = g.N * g.H2, chunks1 = chunk_count(P);
   std::vector<T> s1(chunks1 * g.C), s2(chunks1 * g.C);
-  at::parallel_for(0, chunks1 * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t / blocks, blk = t % blocks;
-      const T* w = wb.data() + blk * KN * L;
-      const Vec<T> b = load<T>(cbp + blk * L), mu = load<T>(mean + blk * L);
-      Vec<T> a1 = {}, a2 = {};
-      T p[KN];
-      for (int64_t pr = P * k / chunks1; pr < P * (k + 1) / chunks1; ++pr) {
-        const int64_t n = pr / g.H2, i = pr % g.H2;
-        for (int64_t j = 0; j < g.W2; ++j) {
-          const int64_t o = (pr * g.W2 + j) * g.C + blk * L;
-          IVec<T> km;
-          for (int l = 0; l < L; ++l) km[l] = mp[o + l];
-          Vec<T> xv = {};
-          for (int s = 0; s < 4; ++s) {
-            patch<KN>(pad, g, n, 2 * i + s / 2, 2 * j + s % 2, p);
-            xv += keep<T>(conv8<KN>(p, w, b), km == s);
-          }
-          const Vec<T> gv = keep<T>(load<T>(gp + o), load<T>(op + o) > 0);
-          a1 += gv;
-          a2 += gv * (xv - mu);
+  for_chunks_and_blocks(P, chunks1, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+    const T* w = wb.data() + blk * KN * L;
+    const Vec<T> b = load<T>(cbp + blk * L), mu = load<T>(mean + blk * L);
+    Vec<T> a1 = {}, a2 = {};
+    T p[KN];
+    for (int64_t pr = r0; pr < r1; ++pr) {
+      const int64_t n = pr / g.H2, i = pr % g.H2;
+      for (int64_t j = 0; j < g.W2; ++j) {
+        const int64_t o = (pr * g.W2 + j) * g.C + blk * L;
+        IVec<T> km;
+        for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+        Vec<T> xv = {};
+        for (int s = 0; s < 4; ++s) {
+          patch<KN>(pad, g, n, 2 * i + s / 2, 2 * j + s % 2, p);
+          xv += keep<T>(conv8<KN>(p, w, b), km == s);
         }
+        const Vec<T> gv = keep<T>(load<T>(gp + o), load<T>(op + o) > 0);
+        a1 += gv;
+        a2 += gv * (xv - mu);
       }
-      store<T>(s1.data() + k * g.C + blk * L, a1);
-      store<T>(s2.data() + k * g.C + blk * L, a2);
     }
+    store<T>(s1.data() + k * g.C + blk * L, a1);
+    store<T>(s2.data() + k * g.C + blk * L, a2);
   });
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> KK(g.C), A(g.C), B(g.C);
   backward_coefficients<T>(s1, s2, chunks1, g.C, M, mean, inv, wp, dgam, dbet, KK, A, B);
-  const int64_t rows = g.N * g.H, chunks = std::min<int64_t>(rows, 32);
+  const int64_t rows = g.N * g.H, chunks = chunk_count(rows);
   std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t / blocks, blk = t % blocks;
-      const T* w = wb.data() + blk * KN * L;
-      const Vec<T> b = load<T>(cbp + blk * L), Ab = load<T>(A.data() + blk * L), Bb = load<T>(B.data() + blk * L);
-      const Vec<T> Kb = load<T>(KK.data() + blk * L);
-      Vec<T> dw[KN] = {}, db = {};
-      T p[KN];
-      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-        const int64_t n = r / g.H, h = r % g.H, i = h / 2;
-        for (int64_t wc = 0; wc < g.W; ++wc) {
-          patch<KN>(pad, g, n, h, wc, p);
-          Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
-          const int64_t j = wc / 2;
-          if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
-            const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
-            IVec<T> km;
-            for (int l = 0; l < L; ++l) km[l] = mp[o + l];
-            const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
-            d += keep<T>(Kb * load<T>(gp + o), hit);
-          }
-          db += d;
-          for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
+  for_chunks_and_blocks(rows, chunks, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+    const T* w = wb.data() + blk * KN * L;
+    const Vec<T> b = load<T>(cbp + blk * L), Ab = load<T>(A.data() + blk * L), Bb = load<T>(B.data() + blk * L);
+    const Vec<T> Kb = load<T>(KK.data() + blk * L);
+    Vec<T> dw[KN] = {}, db = {};
+    T p[KN];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.H, h = r % g.H, i = h / 2;
+      for (int64_t wc = 0; wc < g.W; ++wc) {
+        patch<KN>(pad, g, n, h, wc, p);
+        Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
+        const int64_t j = wc / 2;
+        if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
+          const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
+          IVec<T> km;
+          for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+          const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
+          d += keep<T>(Kb * load<T>(gp + o), hit);
         }
+        db += d;
+        for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
       }
-      for (int kk = 0; kk < KN; ++kk)
-        for (int l = 0; l < L; ++l) pw[(k * g.C + blk * L + l) * KN + kk] = dw[kk][l];
-      store<T>(pb.data() + k * g.C + blk * L, db);
     }
+    for (int kk = 0; kk < KN; ++kk)
+      for (int l = 0; l < L; ++l) pw[(k * g.C + blk * L + l) * KN + kk] = dw[kk][l];
+    store<T>(pb.data() + k * g.C + blk * L, db);
   });
   // dcw as (C, kh, kw, ci) -> the weight's (C, ci, kh, kw)
   auto dperm = at::empty({g.C, 3, 3, g.Cin}, img.options());
