@@ -80,9 +80,94 @@ def test_values_and_gradients_equal_torchs_kernels(
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+def _double_backward(
+    block: Any, inputs: list[torch.Tensor], upstream: torch.Tensor, seed: int
+) -> list[torch.Tensor]:
+    """The gradients at (upstream, *inputs) of a random weighting of ``block``'s gradients,
+    as second-order MAML takes them (zeros where one does not depend on a tensor)."""
+    upstream = upstream.detach().requires_grad_()
+    grads = torch.autograd.grad(block(*inputs), inputs, upstream, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    weighted = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype)).sum() for d in grads)
+    wrt = [upstream, *inputs]
+    found = torch.autograd.grad(weighted, wrt, allow_unused=True)
+    return [torch.zeros_like(t) if f is None else f for f, t in zip(found, wrt, strict=True)]
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 7, 7), (5, 16, 6, 5), (2, 5, 3, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_equals_torchs(
+    kernel_calls: list, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], affine: bool
+) -> None:
+    """float64, odd sizes included: the kernel's hand-derived double backward against
+    torch's autograd through F.batch_norm, F.max_pool2d and F.relu."""
+    assert fused._extension is not None
+    double_backward_calls: list[int] = []
+    real = fused._extension.double_backward
+
+    class Spy:  # the compiled module's attributes are read-only: wrap it
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_module, name)
+
+        def double_backward(self, *args: Any) -> Any:
+            double_backward_calls.append(1)
+            return real(*args)
+
+    real_module = fused._extension
+    monkeypatch.setattr(fused, "_extension", Spy())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    c = shape[1]
+    params = (
+        [
+            torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+            torch.randn(c, generator=g).double(),
+        ]
+        if affine
+        else []
+    )
+    inputs = [t.requires_grad_() for t in (x, *params)]
+    pooled = (shape[0], c, shape[2] // 2, shape[3] // 2)
+    upstream = torch.randn(pooled, generator=g, dtype=torch.float64)
+
+    def fused_block(x: torch.Tensor, *wb: torch.Tensor) -> torch.Tensor:
+        return batch_norm_pool_relu(x, *(wb or (None, None)))
+
+    def torch_block(x: torch.Tensor, *wb: torch.Tensor) -> torch.Tensor:
+        return _reference(x, *(wb or (None, None)))
+
+    got = _double_backward(fused_block, inputs, upstream, seed=6)
+    ref = _double_backward(torch_block, inputs, upstream, seed=6)
+    assert kernel_calls == [shape] and double_backward_calls == [1]
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_first_block_double_backward_equals_torchs(kernel_calls: list) -> None:
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(4, 1, 9, 8, generator=g, dtype=torch.float64).clone(memory_format=CL)
+    conv_w = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    conv_b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(4, 8, 4, 4, generator=g, dtype=torch.float64)
+
+    def fused_block(*params: torch.Tensor) -> torch.Tensor:
+        return fused._ConvBatchNormPoolReLU.apply(images, *params, 1e-5)[0]
+
+    def torch_block(cw: torch.Tensor, cb: torch.Tensor, *wb: torch.Tensor) -> torch.Tensor:
+        return _reference(F.conv2d(images, cw, cb, padding=1), *wb)
+
+    got = _double_backward(fused_block, [conv_w, conv_b, w, b], upstream, seed=8)
+    ref = _double_backward(torch_block, [conv_w, conv_b, w, b], upstream, seed=8)
+    assert kernel_calls == [("conv", 4, 1, 9, 8)]
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+
+
 def test_gradcheck_and_gradgradcheck(kernel_calls: list) -> None:
-    """Finite differences for the kernel's backward; the double backward (create_graph)
-    recomputes on torch's kernels and must be exact too."""
+    """Finite differences for the kernel's backward and its double backward (create_graph),
+    both in the kernel."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
     w = torch.rand(2, generator=g, dtype=torch.float64) + 0.5
@@ -139,8 +224,8 @@ def test_conv4_trains_the_same_with_and_without_it(kernel_calls: list) -> None:
 
 @pytest.mark.parametrize("cls", [MAML, FOMAML])
 def test_maml_meta_gradient_unchanged(kernel_calls: list, cls: type) -> None:
-    """Second order: the query pass's backward runs in the kernel, and the support passes of
-    the inner steps (differentiated twice) keep the default layout and torch's kernels."""
+    """Every pass in the kernel, the support passes of second-order inner steps (differentiated
+    twice: the kernel's double backward) included."""
     batch = conv_batch(2)
     results = []
     for enabled in (True, False):
@@ -149,7 +234,8 @@ def test_maml_meta_gradient_unchanged(kernel_calls: list, cls: type) -> None:
             net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
             learner = cls(net.double(), inner_lr=0.4, inner_steps=2, vectorize="loop").double()
             results.append(meta_gradient(learner, batch))
-    assert kernel_calls
+    # 2 tasks x (2 support passes of 5 images + 1 query pass of 10) x 4 blocks
+    assert sorted(c[-4] for c in kernel_calls) == [5] * 16 + [10] * 8
     (metrics, grads), (metrics_ref, grads_ref) = results
     assert metrics["loss"] == pytest.approx(metrics_ref["loss"], rel=1e-12)
     for a, b in zip(grads, grads_ref, strict=True):
@@ -245,9 +331,9 @@ def test_first_block_gradgradcheck(kernel_calls: list) -> None:
 
 
 def test_first_block_only_where_the_kernel_can_compute_it(kernel_calls: list) -> None:
-    """Images that need a gradient, a 1-channel batch the learner left in the default layout
-    (a pass differentiated twice), and a width that is no multiple of 8 go to torch's
-    convolution; what follows it is still fused where it can be."""
+    """Images that need a gradient, a 1-channel batch in the default layout, and a width that
+    is no multiple of 8 go to torch's convolution; what follows it is still fused where it
+    can be."""
     from metaml.nn import BatchNorm2d
 
     rest = BatchNorm2d(8, track_running_stats=False), torch.nn.MaxPool2d(2), torch.nn.ReLU()

@@ -79,16 +79,16 @@ def test_conv4_computes_the_same_function_on_channels_last_inputs() -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "support_layouts"),
     [
-        (MAML, {}, [False, False]),  # second order: the support pass is differentiated twice
+        (MAML, {}, [True, True]),  # second order: the fused kernel's double backward
         (FOMAML, {}, [True, True]),
         (ANIL, {}, [True]),  # the inner steps adapt the head only: the backbone runs once
     ],
 )
-def test_gradient_learners_pick_the_layout_per_pass(
+def test_gradient_learners_run_every_conv4_pass_channels_last(
     cls: type, kwargs: dict, support_layouts: list[bool]
 ) -> None:
-    """Channels-last for every conv4 pass but a second-order step's support pass (whose
-    BatchNorm double backward is slower in that layout); the same in adaptation."""
+    """Channels-last for every conv4 pass, a second-order step's support pass (differentiated
+    twice) included; the same in adaptation."""
     net = create_backbone("conv4", num_outputs=5, hidden=8, track_running_stats=False)
     learner = cls(net, inner_lr=0.4, inner_steps=2, vectorize="loop", **kwargs)
     seen: list[tuple[int, bool]] = []

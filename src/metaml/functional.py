@@ -160,7 +160,6 @@ def recomputed_inner_loop(
     steps: int,
     lr: LearningRate,
     fixed_at: Callable[[int], Params],
-    forward_loss_at: LossAt | None = None,
 ) -> Params:
     """:func:`inner_loop`, second order, holding no step's graph between forward and backward.
 
@@ -175,8 +174,7 @@ def recomputed_inner_loop(
     the step that need a gradient (meta-learned but not adapted: MAML++'s per-step BatchNorm
     affine, a frozen layer). A tensor it closes over instead would get no gradient. Learned
     rates (tensors in ``lr``) get theirs. Differentiable once: the meta-gradient itself has
-    no graph. ``forward_loss_at``, if given, is the same loss for the forward's plain
-    gradient, computed a faster way whose double backward would be slow (channels-last conv4).
+    no graph.
 
     Example:
         >>> w = {"w": torch.tensor(0.0, requires_grad=True)}
@@ -189,10 +187,7 @@ def recomputed_inner_loop(
     for step in range(steps):
         rates = lr(step) if callable(lr) else lr
         fixed = fixed_at(step)
-        layout = _StepLayout(
-            loss_at, forward_loss_at or loss_at, step, names, list(fixed),
-            [_rate(rates, n) for n in names],
-        )  # fmt: skip
+        layout = _StepLayout(loss_at, step, names, list(fixed), [_rate(rates, n) for n in names])
         tensor_rates = [r for r in layout.rates if isinstance(r, Tensor)]
         new = _RecomputedStep.apply(layout, *params.values(), *fixed.values(), *tensor_rates)
         params = dict(zip(names, new, strict=True))
@@ -204,7 +199,6 @@ class _StepLayout(NamedTuple):
     ``params`` then ``fixed`` then the rates that are tensors, in ``rates`` order."""
 
     loss_at: LossAt
-    forward_loss_at: LossAt
     step: int
     names: list[str]
     fixed_names: list[str]
@@ -216,10 +210,10 @@ class _StepLayout(NamedTuple):
         rates = [next(rest) if isinstance(r, Tensor) else r for r in self.rates]
         return params, list(tensors[count : count + fixed]), rates
 
-    def loss(self, params: Sequence[Tensor], fixed: Sequence[Tensor], forward: bool) -> Tensor:
+    def loss(self, params: Sequence[Tensor], fixed: Sequence[Tensor]) -> Tensor:
         tensors = dict(zip(self.names, params, strict=True))
         tensors.update(zip(self.fixed_names, fixed, strict=True))
-        return (self.forward_loss_at if forward else self.loss_at)(tensors, self.step)
+        return self.loss_at(tensors, self.step)
 
 
 class _RecomputedStep(torch.autograd.Function):
@@ -231,7 +225,7 @@ class _RecomputedStep(torch.autograd.Function):
         ctx.replay = _Replay(params[0].device)
         with torch.enable_grad():  # a first-order gradient: no graph kept past this line
             leaves = [p.detach().requires_grad_() for p in params]
-            loss = layout.loss(leaves, [f.detach() for f in fixed], forward=True)
+            loss = layout.loss(leaves, [f.detach() for f in fixed])
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         ctx.layout = layout
         ctx.save_for_backward(*tensors)
@@ -254,7 +248,7 @@ class _RecomputedStep(torch.autograd.Function):
             fixed_leaves = [
                 f.detach().requires_grad_(w) for f, w in zip(fixed, wanted, strict=True)
             ]
-            loss = layout.loss(leaves, fixed_leaves, forward=False)
+            loss = layout.loss(leaves, fixed_leaves)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
             # new = p - r * g(p, fixed): d<v, new>/dp = v - ∂<r v, g>/∂p, d/dfixed = -∂<r v, g>/∂fixed
             used = [

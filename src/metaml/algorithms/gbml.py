@@ -174,14 +174,8 @@ class GradientBasedLearner(MetaLearner):
     # second-order step differentiates the backbone's support pass twice.
     _inner_steps_run_backbone = True
 
-    def _inputs(self, x: Tensor, support: bool = False) -> Tensor:
-        """``x`` in the backbone's fastest layout (:func:`~metaml.nn.channels_last_input`),
-        except for a support pass that a second-order step differentiates twice: there
-        channels-last BatchNorm's double backward is slower (5-step conv4 MAML: 1.18x the
-        default layout's speed this way, 1.09x with every pass channels-last)."""
-        twice = support and self._inner_steps_run_backbone and not self.first_order
-        if twice and torch.is_grad_enabled():
-            return x
+    def _inputs(self, x: Tensor) -> Tensor:
+        """``x`` in the backbone's fastest layout (:func:`~metaml.nn.channels_last_input`)."""
         return channels_last_input(self.model, x)
 
     def _predict(self, fast: Params, x: Tensor, step: int) -> Tensor:
@@ -258,22 +252,17 @@ class GradientBasedLearner(MetaLearner):
         fast_names = set(self._fast_names())
         others = {n: p for n, p in self.model.named_parameters() if n not in fast_names}
 
-        def loss_on(x: Tensor) -> Callable[[Params, int], Tensor]:
-            return lambda tensors, step: task_loss(
-                self.task_type, call_module(self.model, tensors, x), support_y
-            )
+        def loss_at(tensors: Params, step: int) -> Tensor:
+            return task_loss(self.task_type, call_module(self.model, tensors, support_x), support_y)
 
-        # The forward's plain gradients in the fastest layout (fused conv4 blocks); only the
-        # recomputation, differentiated twice, in the default one (see _inputs).
         return recomputed_inner_loop(
-            loss_on(support_x), self._initial_fast(), steps=steps, lr=self._lr_at,
+            loss_at, self._initial_fast(), steps=steps, lr=self._lr_at,
             fixed_at=lambda step: {**others, **self._bn_at(step)},
-            forward_loss_at=loss_on(channels_last_input(self.model, support_x)),
         )  # fmt: skip
 
     def _task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """One task: (query loss after adaptation, query outputs)."""
-        sx, qx = self._inputs(sx, support=True), self._inputs(qx)
+        sx, qx = self._inputs(sx), self._inputs(qx)
         fast = self._adapt_fast(self._embed(sx), sy, self.inner_steps, self.first_order)
         outputs = self._predict(fast, self._embed(qx), self.inner_steps)
         return task_loss(self.task_type, outputs, qy), outputs

@@ -37,7 +37,7 @@ import platform
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -204,11 +204,6 @@ def _compile() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-def _reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """The same function on torch's kernels (the textbook composition)."""
-    return F.relu(F.max_pool2d(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), 2))
-
-
 class _BatchNormPoolReLU(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -216,28 +211,78 @@ class _BatchNormPoolReLU(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         assert _extension is not None
         out, argmax, mean, var, invstd = _extension.forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, out, argmax, mean, invstd)
-        ctx.eps = eps
+        ctx.save_for_backward(x, weight, out, argmax, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        x, weight, bias, out, argmax, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True (a second-order inner step): recompute on torch's kernels so
-            # that this backward is itself differentiable.
-            inputs = (x, weight, bias)
-            grads = _recomputed_grads(
-                lambda: _reference(x, weight, bias, ctx.eps), inputs, ctx, grad_out
-            )
-            return (*grads, None)
-        assert _extension is not None
-        grads = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
-        return (
-            *(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)),
-            None,
+        x, weight, out, argmax, mean, invstd = ctx.saved_tensors
+        grads = _block_backward(grad_out, x, weight, out, argmax, mean, invstd)
+        return (*_wanted(grads, ctx.needs_input_grad), None)
+
+
+def _block_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    out: Tensor,
+    argmax: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of a fused block; differentiable under ``create_graph=True``."""
+    if torch.is_grad_enabled():  # a second-order inner step: keep the graph of this backward
+        grads = _BatchNormPoolReLUBackward.apply(
+            grad_out, x, weight, out.detach(), argmax, mean, invstd
         )
+        return grads[0], grads[1], grads[2]
+    assert _extension is not None
+    dx, dw, db = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
+    return dx, dw, db
+
+
+def _wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:
+    return [g if need else None for g, need in zip(grads, needs, strict=False)]
+
+
+class _BatchNormPoolReLUBackward(torch.autograd.Function):
+    """The fused block's backward as a function of (grad_out, x, weight), so that a backward
+    with ``create_graph=True`` runs in the kernel too; its own backward, the double backward
+    that second-order MAML takes, is in the kernel as well (``double_backward``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        grad_out: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        out: Tensor,
+        argmax: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        assert _extension is not None
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        dx, dw, db = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
+        ctx.save_for_backward(grad_out, x, weight, out, argmax, mean, invstd)
+        return dx, dw, db
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_dx: Tensor | None, grad_dw: Tensor | None, grad_db: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        assert _extension is not None
+        grad_out, x, weight, out, argmax, mean, invstd = ctx.saved_tensors
+        if grad_dx is None:
+            grad_dx = torch.zeros_like(x)
+        # the kernel reads the per-channel gradients as plain arrays (autograd may expand them)
+        grad_dw, grad_db = (None if t is None else t.contiguous() for t in (grad_dw, grad_db))
+        grads = _extension.double_backward(
+            grad_dx, grad_dw, grad_db, grad_out, out, argmax, x, mean, invstd, weight
+        )
+        return (*_wanted(grads, ctx.needs_input_grad), None, None, None, None)
 
 
 class _ConvBatchNormPoolReLU(torch.autograd.Function):
@@ -257,46 +302,38 @@ class _ConvBatchNormPoolReLU(torch.autograd.Function):
         out, argmax, mean, var, invstd = _extension.conv_forward(
             images, conv_weight, conv_bias, weight, bias, eps
         )
-        ctx.save_for_backward(
-            images, conv_weight, conv_bias, weight, bias, out, argmax, mean, invstd
-        )
-        ctx.eps = eps
+        ctx.save_for_backward(images, conv_weight, conv_bias, weight, out, argmax, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        images, conv_weight, conv_bias, weight, bias, out, argmax, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, as above
-
-            def block() -> Tensor:
-                return _reference(
-                    F.conv2d(images, conv_weight, conv_bias, padding=1), weight, bias, ctx.eps
-                )
-
-            inputs = (images, conv_weight, conv_bias, weight, bias)
-            return (*_recomputed_grads(block, inputs, ctx, grad_out), None)
+        images, conv_weight, conv_bias, weight, out, argmax, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:5]
+        if torch.is_grad_enabled():
+            # create_graph=True: the convolution's output, which the kernel never stores, on
+            # torch's kernels (one input channel: cheap), and the rest differentiable as above
+            conv_out = F.conv2d(images, conv_weight, conv_bias, padding=1).contiguous(
+                memory_format=torch.channels_last
+            )
+            d_out, d_weight, d_bias = _block_backward(
+                grad_out, conv_out, weight, out, argmax, mean, invstd
+            )
+            conv_params = [
+                t for t, need in zip((conv_weight, conv_bias), needs[:2], strict=True) if need
+            ]
+            found = iter(
+                torch.autograd.grad(conv_out, conv_params, d_out, create_graph=True)
+                if conv_params
+                else ()
+            )
+            d_conv = [next(found) if need else None for need in needs[:2]]
+            return (None, *d_conv, *_wanted((d_weight, d_bias), needs[2:]), None)
         assert _extension is not None
         grads = _extension.conv_backward(
             grad_out, out, argmax, images, conv_weight, conv_bias, mean, invstd, weight
         )
-        needs = ctx.needs_input_grad[1:5]
-        return (None, *(g if need else None for g, need in zip(grads, needs, strict=True)), None)
-
-
-def _recomputed_grads(
-    block: Any, inputs: tuple[Tensor | None, ...], ctx: Any, grad_out: Tensor
-) -> list[Tensor | None]:
-    """The gradients of ``block()`` for the inputs that need one, differentiable themselves."""
-    needs = ctx.needs_input_grad[: len(inputs)]
-    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
-    with torch.enable_grad():
-        y = block()
-    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
-    return [
-        next(grads) if need and t is not None else None
-        for t, need in zip(inputs, needs, strict=True)
-    ]
+        return (None, *_wanted(grads, needs), None)
 
 
 def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:

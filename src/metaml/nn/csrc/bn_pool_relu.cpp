@@ -252,6 +252,161 @@ std::vector<at::Tensor> backward(at::Tensor g, at::Tensor out, at::Tensor idx, a
   return {dx, dw, db};
 }
 
+// ---- the double backward: the backward's own gradients, for second-order MAML ---------------
+//
+// The backward maps (g, x, weight) to (dx, dweight, dbias) through dy, the gradient at
+// BatchNorm's output (g at each window's argmax where the ReLU passed, 0 elsewhere):
+//   dx = k (dy - S1/M - xhat S2/M), dweight = S2, dbias = S1,
+// with S1 = sum(dy), S2 = sum(dy xhat), k = weight inv and xhat = (x - mean) inv per channel.
+// Given a loss's gradients gdx, gdw, gdb at (dx, dweight, dbias), its gradients at g, x and the
+// weight follow (pooling and ReLU pass on their masks, constant almost everywhere):
+//   at g:      mask (k gdx + (gdw - k T2/M) xhat + gdb - k T1/M), read at the argmax,
+//   at weight: inv (U - T1 S1/M - T2 S2/M),
+//   at x:      a1 dy + a3 gdx + (a2 - a1 S2/M - a3 T2/M) xhat - (a1 S1 + a3 T1)/M,
+// with T1 = sum(gdx), T2 = sum(gdx xhat), U = sum(gdx dy), a1 = inv gdw - weight inv^2 T2/M,
+// a2 = -weight inv^2 (U - T1 S1/M - T2 S2/M)/M and a3 = -weight inv^2 S2/M. Derived by hand;
+// the tests check it against torch's double backward of the unfused ops and finite differences.
+
+// sum(gdx) and sum(gdx * (x - mean)) over n positions, added into t1 and t2.
+template <typename T>
+static void gdx_sums(const T* __restrict__ x, const T* __restrict__ gd, int64_t n, int64_t C,
+                     const T* __restrict__ mean, T* __restrict__ t1, T* __restrict__ t2) {
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = gd[e * C + c];
+      t1[c] += v;
+      t2[c] += v * (x[e * C + c] - mean[c]);
+    }
+}
+
+// One row of windows: s1 += dy, s2 += dy * (x - mean), u += dy * gdx, at each window's argmax.
+template <typename T>
+static void dy_sums_row(const T* __restrict__ r0, const T* __restrict__ r2, const T* __restrict__ q0,
+                        const T* __restrict__ q2, int64_t W2, int64_t C, const T* __restrict__ out,
+                        const T* __restrict__ g, const uint8_t* __restrict__ arg, const T* __restrict__ mean,
+                        T* __restrict__ s1, T* __restrict__ s2, T* __restrict__ u) {
+  for (int64_t j = 0; j < W2; ++j) {
+    const int64_t e = 2 * j * C;
+    const T* __restrict__ o = out + j * C;
+    const T* __restrict__ gg = g + j * C;
+    const uint8_t* __restrict__ m = arg + j * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T gv = o[c] > T(0) ? gg[c] : T(0);
+      const int k = m[c];
+      const T xv = k == 0 ? r0[e + c] : (k == 1 ? r0[e + C + c] : (k == 2 ? r2[e + c] : r2[e + C + c]));
+      const T qv = k == 0 ? q0[e + c] : (k == 1 ? q0[e + C + c] : (k == 2 ? q2[e + c] : q2[e + C + c]));
+      s1[c] += gv;
+      s2[c] += gv * (xv - mean[c]);
+      u[c] += gv * qv;
+    }
+  }
+}
+
+// d = a3 * gdx + A * x + B over n positions.
+template <typename T>
+static void gx_affine(const T* __restrict__ x, const T* __restrict__ gd, T* __restrict__ d, int64_t n, int64_t C,
+                      const T* __restrict__ a3, const T* __restrict__ A, const T* __restrict__ B) {
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t c = 0; c < C; ++c) d[e * C + c] = a3[c] * gd[e * C + c] + A[c] * x[e * C + c] + B[c];
+}
+
+// One row of windows: a1 * dy added at each argmax of d, and the gradient at g,
+// mask * (k * gdx + Gx * x + Gb) read at the argmax.
+template <typename T>
+static void window_terms_row(const T* __restrict__ r0, const T* __restrict__ r2, const T* __restrict__ q0,
+                             const T* __restrict__ q2, T* __restrict__ d0, T* __restrict__ d2, int64_t W2, int64_t C,
+                             const T* __restrict__ out, const T* __restrict__ g, const uint8_t* __restrict__ arg,
+                             const T* __restrict__ a1, const T* __restrict__ K, const T* __restrict__ Gx,
+                             const T* __restrict__ Gb, T* __restrict__ gg_out) {
+  for (int64_t j = 0; j < W2; ++j) {
+    const int64_t e = 2 * j * C;
+    const T* __restrict__ o = out + j * C;
+    const T* __restrict__ gg = g + j * C;
+    const uint8_t* __restrict__ m = arg + j * C;
+    T* __restrict__ go = gg_out + j * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const bool pass = o[c] > T(0);
+      const int k = m[c];
+      const T xv = k == 0 ? r0[e + c] : (k == 1 ? r0[e + C + c] : (k == 2 ? r2[e + c] : r2[e + C + c]));
+      const T qv = k == 0 ? q0[e + c] : (k == 1 ? q0[e + C + c] : (k == 2 ? q2[e + c] : q2[e + C + c]));
+      const T add = masked(a1[c] * gg[c], pass);
+      d0[e + c] += masked(add, k == 0);
+      d0[e + C + c] += masked(add, k == 1);
+      d2[e + c] += masked(add, k == 2);
+      d2[e + C + c] += masked(add, k == 3);
+      go[c] = masked(K[c] * qv + Gx[c] * xv + Gb[c], pass);
+    }
+  }
+}
+
+std::vector<at::Tensor> double_backward(at::Tensor gdx, c10::optional<at::Tensor> gdw, c10::optional<at::Tensor> gdb,
+                                        at::Tensor g, at::Tensor out, at::Tensor idx, at::Tensor x, at::Tensor mean_t,
+                                        at::Tensor invstd_t, c10::optional<at::Tensor> weight) {
+  g = g.contiguous(at::MemoryFormat::ChannelsLast);
+  gdx = gdx.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), H2 = H / 2, W2 = W / 2;
+  const int64_t M = N * H * W, P = N * H2;
+  auto gx = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto gg = at::empty_like(out, out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto gw = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_pool_relu_double_backward", [&] {
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *qp = gdx.data_ptr<T>(), *gp = g.data_ptr<T>(), *op = out.data_ptr<T>();
+    const uint8_t* mp = idx.data_ptr<uint8_t>();
+    const T *mean = mean_t.data_ptr<T>(), *inv = invstd_t.data_ptr<T>();
+    const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
+    const T* gwp = gdw.has_value() && gdw->defined() ? gdw->data_ptr<T>() : nullptr;
+    const T* gbp = gdb.has_value() && gdb->defined() ? gdb->data_ptr<T>() : nullptr;
+    // each pooled row p sums over its image rows 2i, 2i+1 (and the last one when H is odd)
+    std::vector<T> s1(P * C, T(0)), s2(P * C, T(0)), t1(P * C, T(0)), t2(P * C, T(0)), u(P * C, T(0));
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / H2, i = p % H2, e = (n * H + 2 * i) * W * C;
+        const int64_t rows = (H % 2 && i == H2 - 1) ? 3 : 2;
+        gdx_sums<T>(xp + e, qp + e, rows * W, C, mean, t1.data() + p * C, t2.data() + p * C);
+        dy_sums_row<T>(xp + e, xp + e + W * C, qp + e, qp + e + W * C, W2, C, op + p * W2 * C, gp + p * W2 * C,
+                       mp + p * W2 * C, mean, s1.data() + p * C, s2.data() + p * C, u.data() + p * C);
+      }
+    });
+    std::vector<T> a1(C), a3(C), A(C), B(C), K(C), Gx(C), Gb(C);
+    T* gwo = gw.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      double S1 = 0, S2 = 0, T1 = 0, T2 = 0, U = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        S1 += s1[p * C + c]; S2 += s2[p * C + c]; T1 += t1[p * C + c]; T2 += t2[p * C + c]; U += u[p * C + c];
+      }
+      const double iv = inv[c], mu = mean[c], gam = wp ? double(wp[c]) : 1.0, k = gam * iv;
+      S2 *= iv;  // sums of dy * xhat and gdx * xhat
+      T2 *= iv;
+      const double gdwc = gwp ? double(gwp[c]) : 0.0, gdbc = gbp ? double(gbp[c]) : 0.0;
+      const double r = U - T1 * S1 / M - T2 * S2 / M;
+      gwo[c] = T(iv * r);
+      const double c1 = iv * gdwc - gam * iv * iv * T2 / M, c2 = -gam * iv * iv * r / M, c3 = -gam * iv * iv * S2 / M;
+      const double cx = c2 - c1 * S2 / M - c3 * T2 / M, c0 = -(c1 * S1 + c3 * T1) / M;
+      a1[c] = T(c1);
+      a3[c] = T(c3);
+      A[c] = T(cx * iv);
+      B[c] = T(c0 - cx * iv * mu);
+      const double R = gdwc - k * T2 / M, Q = gdbc - k * T1 / M;
+      K[c] = T(k);
+      Gx[c] = T(R * iv);
+      Gb[c] = T(Q - R * iv * mu);
+    }
+    T *dp = gx.data_ptr<T>(), *gop = gg.data_ptr<T>();
+    at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / H2, i = p % H2, e = (n * H + 2 * i) * W * C;
+        const int64_t rows = (H % 2 && i == H2 - 1) ? 3 : 2;
+        gx_affine<T>(xp + e, qp + e, dp + e, rows * W, C, a3.data(), A.data(), B.data());
+        window_terms_row<T>(xp + e, xp + e + W * C, qp + e, qp + e + W * C, dp + e, dp + e + W * C, W2, C,
+                            op + p * W2 * C, gp + p * W2 * C, mp + p * W2 * C, a1.data(), K.data(), Gx.data(),
+                            Gb.data(), gop + p * W2 * C);
+      }
+    });
+  });
+  return {gg, gx, gw};
+}
+
 // ---- the first block: a 3x3 convolution of 1 or 3 input channels, then the same -------------
 //
 // Its output (64 channels at full resolution) is never stored: the forward computes it twice
@@ -527,6 +682,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(x, weight, bias, eps) -> (out, argmax, mean, biased var, invstd)");
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(),
         "(grad_out, out, argmax, x, mean, invstd, weight) -> (grad_x, grad_weight, grad_bias)");
+  m.def("double_backward", &double_backward, py::call_guard<py::gil_scoped_release>(),
+        "(grad grad_x, grad grad_weight, grad grad_bias, grad_out, out, argmax, x, mean, invstd, weight) -> "
+        "(grad grad_out, grad x, grad weight)");
   m.def("conv_forward", &conv_forward, py::call_guard<py::gil_scoped_release>(),
         "(images, conv weight, conv bias, weight, bias, eps) -> (out, argmax, mean, biased var, invstd)");
   m.def("conv_backward", &conv_backward, py::call_guard<py::gil_scoped_release>(),
