@@ -233,7 +233,7 @@ def _block_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) of a fused block; differentiable under ``create_graph=True``."""
     if torch.is_grad_enabled():  # a second-order inner step: keep the graph of this backward
-        grads = _BatchNormPoolReLUBackward.apply(
+        grads = _BatchNormPoolReLUGrad.apply(
             grad_out, x, weight, out.detach(), argmax, mean, invstd
         )
         return grads[0], grads[1], grads[2]
@@ -246,7 +246,7 @@ def _wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tenso
     return [g if need else None for g, need in zip(grads, needs, strict=False)]
 
 
-class _BatchNormPoolReLUBackward(torch.autograd.Function):
+class _BatchNormPoolReLUGrad(torch.autograd.Function):
     """The fused block's backward as a function of (grad_out, x, weight), so that a backward
     with ``create_graph=True`` runs in the kernel too; its own backward, the double backward
     that second-order MAML takes, is in the kernel as well (``double_backward``)."""
@@ -309,31 +309,70 @@ class _ConvBatchNormPoolReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         images, conv_weight, conv_bias, weight, out, argmax, mean, invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[1:5]
-        if torch.is_grad_enabled():
-            # create_graph=True: the convolution's output, which the kernel never stores, on
-            # torch's kernels (one input channel: cheap), and the rest differentiable as above
-            conv_out = F.conv2d(images, conv_weight, conv_bias, padding=1).contiguous(
-                memory_format=torch.channels_last
+        if torch.is_grad_enabled():  # a second-order inner step: keep the graph of this backward
+            grads = _ConvBatchNormPoolReLUGrad.apply(
+                grad_out, conv_weight, conv_bias, weight, images, out.detach(), argmax, mean, invstd
             )
-            d_out, d_weight, d_bias = _block_backward(
-                grad_out, conv_out, weight, out, argmax, mean, invstd
+        else:
+            assert _extension is not None
+            grads = _extension.conv_backward(
+                grad_out, out, argmax, images, conv_weight, conv_bias, mean, invstd, weight
             )
-            conv_params = [
-                t for t, need in zip((conv_weight, conv_bias), needs[:2], strict=True) if need
-            ]
-            found = iter(
-                torch.autograd.grad(conv_out, conv_params, d_out, create_graph=True)
-                if conv_params
-                else ()
-            )
-            d_conv = [next(found) if need else None for need in needs[:2]]
-            return (None, *d_conv, *_wanted((d_weight, d_bias), needs[2:]), None)
+        return (None, *_wanted(grads, ctx.needs_input_grad[1:5]), None)
+
+
+class _ConvBatchNormPoolReLUGrad(torch.autograd.Function):
+    """The first block's backward as a differentiable function of (grad_out, conv weight,
+    conv bias, weight), as :class:`_BatchNormPoolReLUGrad` is for the other blocks. Its
+    backward recomputes the convolution's output, which the kernel never stores."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        grad_out: Tensor,
+        conv_weight: Tensor,
+        conv_bias: Tensor,
+        weight: Tensor | None,
+        images: Tensor,
+        out: Tensor,
+        argmax: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+    ) -> tuple[Tensor, ...]:
         assert _extension is not None
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grads = _extension.conv_backward(
             grad_out, out, argmax, images, conv_weight, conv_bias, mean, invstd, weight
         )
-        return (None, *_wanted(grads, needs), None)
+        ctx.save_for_backward(
+            grad_out, conv_weight, conv_bias, weight, images, out, argmax, mean, invstd
+        )
+        return tuple(grads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grad_grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        assert _extension is not None
+        grad_out, conv_weight, conv_bias, weight, images, out, argmax, mean, invstd = (
+            ctx.saved_tensors
+        )
+        g_conv_weight, g_conv_bias, g_weight, g_bias = (
+            None if g is None else g.contiguous() for g in grad_grads
+        )
+        (conv_out,) = _extension.first_conv(images, conv_weight, conv_bias)
+        # The convolution's weight and bias gradients are (the images correlated with, the sum
+        # of) the gradient at its output: linear in it, with the convolution as their adjoint.
+        (g_conv_grad,) = _extension.first_conv(
+            images,
+            torch.zeros_like(conv_weight) if g_conv_weight is None else g_conv_weight,
+            torch.zeros_like(conv_bias) if g_conv_bias is None else g_conv_bias,
+        )
+        g_grad_out, g_conv_out, g_weight = _extension.double_backward(
+            g_conv_grad, g_weight, g_bias, grad_out, out, argmax, conv_out, mean, invstd, weight
+        )
+        g_conv = _extension.first_conv_weight_grad(images, g_conv_out)
+        grads = (g_grad_out, *g_conv, g_weight)
+        return (*_wanted(grads, ctx.needs_input_grad), None, None, None, None, None)
 
 
 def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:

@@ -31,6 +31,13 @@ static inline T masked(T value, bool keep) {
 }
 
 
+// The value at a window's argmax k (0..3), from its four values loaded unconditionally and
+// masked: branch-free, so gcc vectorizes it (a load behind a branch or a select it does not).
+template <typename T>
+static inline T at_argmax(int k, T v0, T v1, T v2, T v3) {
+  return masked(v0, k == 0) + masked(v1, k == 1) + masked(v2, k == 2) + masked(v3, k == 3);
+}
+
 // Per-channel sums of (x - shift) and its square over rows [r0, r1): shifting by the first
 // row keeps the float partial sums from cancelling when a channel's mean is large.
 template <typename T>
@@ -96,11 +103,8 @@ static void grad_sums_row(const T* __restrict__ r0, const T* __restrict__ r2, in
     const T* __restrict__ gg = g + j * C;
     const uint8_t* __restrict__ m = arg + j * C;
     for (int64_t c = 0; c < C; ++c) {
-      const T gl = gg[c];
-      const T gv = o[c] > T(0) ? gl : T(0);
-      const T k = T(m[c]);
-      const T a0 = x0[c], a1 = x1[c], a2 = x2[c], a3 = x3[c];
-      const T xv = k == T(0) ? a0 : (k == T(1) ? a1 : (k == T(2) ? a2 : a3));
+      const T gv = masked(gg[c], o[c] > T(0));
+      const T xv = at_argmax(m[c], x0[c], x1[c], x2[c], x3[c]);
       s1[c] += gv;
       s2[c] += gv * (xv - mean[c]);
     }
@@ -291,10 +295,10 @@ static void dy_sums_row(const T* __restrict__ r0, const T* __restrict__ r2, cons
     const T* __restrict__ gg = g + j * C;
     const uint8_t* __restrict__ m = arg + j * C;
     for (int64_t c = 0; c < C; ++c) {
-      const T gv = o[c] > T(0) ? gg[c] : T(0);
+      const T gv = masked(gg[c], o[c] > T(0));
       const int k = m[c];
-      const T xv = k == 0 ? r0[e + c] : (k == 1 ? r0[e + C + c] : (k == 2 ? r2[e + c] : r2[e + C + c]));
-      const T qv = k == 0 ? q0[e + c] : (k == 1 ? q0[e + C + c] : (k == 2 ? q2[e + c] : q2[e + C + c]));
+      const T xv = at_argmax(k, r0[e + c], r0[e + C + c], r2[e + c], r2[e + C + c]);
+      const T qv = at_argmax(k, q0[e + c], q0[e + C + c], q2[e + c], q2[e + C + c]);
       s1[c] += gv;
       s2[c] += gv * (xv - mean[c]);
       u[c] += gv * qv;
@@ -327,8 +331,8 @@ static void window_terms_row(const T* __restrict__ r0, const T* __restrict__ r2,
     for (int64_t c = 0; c < C; ++c) {
       const bool pass = o[c] > T(0);
       const int k = m[c];
-      const T xv = k == 0 ? r0[e + c] : (k == 1 ? r0[e + C + c] : (k == 2 ? r2[e + c] : r2[e + C + c]));
-      const T qv = k == 0 ? q0[e + c] : (k == 1 ? q0[e + C + c] : (k == 2 ? q2[e + c] : q2[e + C + c]));
+      const T xv = at_argmax(k, r0[e + c], r0[e + C + c], r2[e + c], r2[e + C + c]);
+      const T qv = at_argmax(k, q0[e + c], q0[e + C + c], q2[e + c], q2[e + C + c]);
       const T add = masked(a1[c] * gg[c], pass);
       d0[e + c] += masked(add, k == 0);
       d0[e + C + c] += masked(add, k == 1);
@@ -575,6 +579,44 @@ std::vector<at::Tensor> conv_forward(at::Tensor img, at::Tensor cw, at::Tensor c
   return {out, idx, mean_t, var_t, invstd_t};
 }
 
+// The convolution's weight and bias gradients from its output gradient, d(blk, n, h, w, patch)
+// for one 8-channel block at one pixel: per chunk of image rows, summed in chunk order.
+template <int KN, typename T, typename D>
+static void fold_weight_grad(const Geo& g, const T* pad, const D& d_at, at::Tensor& dcw, at::Tensor& dcb) {
+  const int64_t blocks = g.C / L, rows = g.N * g.H, chunks = chunk_count(rows);
+  std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
+  for_chunks_and_blocks(rows, chunks, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+    Vec<T> dw[KN] = {}, db = {};
+    T p[KN];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.H, h = r % g.H;
+      for (int64_t wc = 0; wc < g.W; ++wc) {
+        patch<KN>(pad, g, n, h, wc, p);
+        const Vec<T> d = d_at(blk, n, h, wc, p);
+        db += d;
+        for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
+      }
+    }
+    for (int kk = 0; kk < KN; ++kk)
+      for (int l = 0; l < L; ++l) pw[(k * g.C + blk * L + l) * KN + kk] = dw[kk][l];
+    store<T>(pb.data() + k * g.C + blk * L, db);
+  });
+  // dcw as (C, kh, kw, ci) -> the weight's (C, ci, kh, kw)
+  auto dperm = at::empty({g.C, 3, 3, g.Cin}, dcw.options());
+  T* dp = dperm.data_ptr<T>();
+  for (int64_t e = 0; e < g.C * KN; ++e) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks; ++k) s += pw[k * g.C * KN + e];
+    dp[e] = T(s);
+  }
+  dcw.copy_(dperm.permute({0, 3, 1, 2}));
+  for (int64_t c = 0; c < g.C; ++c) {
+    double s = 0;
+    for (int64_t k = 0; k < chunks; ++k) s += pb[k * g.C + c];
+    dcb.data_ptr<T>()[c] = T(s);
+  }
+}
+
 template <int KN, typename T>
 static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at::Tensor& idx, const at::Tensor& img,
                           const at::Tensor& cw, const at::Tensor& cb, const T* mean, const T* inv, const T* wp,
@@ -614,49 +656,20 @@ static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at:
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> KK(g.C), A(g.C), B(g.C);
   backward_coefficients<T>(s1, s2, chunks1, g.C, M, mean, inv, wp, dgam, dbet, KK, A, B);
-  const int64_t rows = g.N * g.H, chunks = chunk_count(rows);
-  std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
-  for_chunks_and_blocks(rows, chunks, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+  fold_weight_grad<KN, T>(g, pad, [&](int64_t blk, int64_t n, int64_t h, int64_t wc, const T* p) {
     const T* w = wb.data() + blk * KN * L;
     const Vec<T> b = load<T>(cbp + blk * L), Ab = load<T>(A.data() + blk * L), Bb = load<T>(B.data() + blk * L);
-    const Vec<T> Kb = load<T>(KK.data() + blk * L);
-    Vec<T> dw[KN] = {}, db = {};
-    T p[KN];
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.H, h = r % g.H, i = h / 2;
-      for (int64_t wc = 0; wc < g.W; ++wc) {
-        patch<KN>(pad, g, n, h, wc, p);
-        Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
-        const int64_t j = wc / 2;
-        if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
-          const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
-          IVec<T> km;
-          for (int l = 0; l < L; ++l) km[l] = mp[o + l];
-          const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
-          d += keep<T>(Kb * load<T>(gp + o), hit);
-        }
-        db += d;
-        for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
-      }
+    Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
+    const int64_t i = h / 2, j = wc / 2;
+    if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
+      const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
+      IVec<T> km;
+      for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+      const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
+      d += keep<T>(load<T>(KK.data() + blk * L) * load<T>(gp + o), hit);
     }
-    for (int kk = 0; kk < KN; ++kk)
-      for (int l = 0; l < L; ++l) pw[(k * g.C + blk * L + l) * KN + kk] = dw[kk][l];
-    store<T>(pb.data() + k * g.C + blk * L, db);
-  });
-  // dcw as (C, kh, kw, ci) -> the weight's (C, ci, kh, kw)
-  auto dperm = at::empty({g.C, 3, 3, g.Cin}, img.options());
-  T* dp = dperm.data_ptr<T>();
-  for (int64_t e = 0; e < g.C * KN; ++e) {
-    double s = 0;
-    for (int64_t k = 0; k < chunks; ++k) s += pw[k * g.C * KN + e];
-    dp[e] = T(s);
-  }
-  dcw.copy_(dperm.permute({0, 3, 1, 2}));
-  for (int64_t c = 0; c < g.C; ++c) {
-    double s = 0;
-    for (int64_t k = 0; k < chunks; ++k) s += pb[k * g.C + c];
-    dcb.data_ptr<T>()[c] = T(s);
-  }
+    return d;
+  }, dcw, dcb);
 }
 
 std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor idx, at::Tensor img, at::Tensor cw,
@@ -676,12 +689,76 @@ std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor 
   return {dcw, dcb, dgam, dbet};
 }
 
+// ---- the first block's convolution alone, for its double backward -------------------------
+//
+// A backward with create_graph=True (a second-order inner step) needs the convolution's output
+// (which the fused passes never store) and the weight gradient of a full-resolution output
+// gradient: torch's kernels run a 1-channel convolution at 3-27% of the machine's peak.
+
+// images (N, Cin, H, W) * cw (C, Cin, 3, 3) + cb, padding 1: (N, C, H, W) channels-last.
+std::vector<at::Tensor> first_conv(at::Tensor img, at::Tensor cw, at::Tensor cb) {
+  auto z = at::empty({img.size(0), cw.size(0), img.size(2), img.size(3)},
+                     img.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "first_conv", [&] {
+    using T = scalar_t;
+    const auto run = [&](auto kn) {
+      constexpr int KN = decltype(kn)::value;
+      const Geo g = geometry(img, cw);
+      const at::Tensor padded = padded_nhwc(img);
+      const T* pad = padded.data_ptr<T>();
+      const std::vector<T> wb = blocked_weight<T>(cw, g.C, g.Cin);
+      const T* cbp = cb.data_ptr<T>();
+      T* zp = z.data_ptr<T>();
+      const int64_t rows = g.N * g.H;
+      for_chunks_and_blocks(rows, chunk_count(rows), g.C / L, [&](int64_t, int64_t blk, int64_t r0, int64_t r1) {
+        const T* w = wb.data() + blk * KN * L;
+        const Vec<T> b = load<T>(cbp + blk * L);
+        T p[KN];
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t wc = 0; wc < g.W; ++wc) {
+            patch<KN>(pad, g, r / g.H, r % g.H, wc, p);
+            store<T>(zp + (r * g.W + wc) * g.C + blk * L, conv8<KN>(p, w, b));
+          }
+      });
+    };
+    if (img.size(1) == 1) run(std::integral_constant<int, 9>{});
+    else run(std::integral_constant<int, 27>{});
+  });
+  return {z};
+}
+
+// The weight and bias gradients of first_conv for an output gradient d (N, C, H, W).
+std::vector<at::Tensor> first_conv_weight_grad(at::Tensor img, at::Tensor d) {
+  d = d.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t C = d.size(1), Cin = img.size(1);
+  auto dcw = at::empty({C, Cin, 3, 3}, img.options()), dcb = at::empty({C}, img.options());
+  AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "first_conv_weight_grad", [&] {
+    using T = scalar_t;
+    const auto run = [&](auto kn) {
+      constexpr int KN = decltype(kn)::value;
+      const Geo g = geometry(img, dcw);
+      const at::Tensor padded = padded_nhwc(img);
+      const T* dp = d.data_ptr<T>();
+      fold_weight_grad<KN, T>(g, padded.data_ptr<T>(), [&](int64_t blk, int64_t n, int64_t h, int64_t wc, const T*) {
+        return load<T>(dp + ((n * g.H + h) * g.W + wc) * g.C + blk * L);
+      }, dcw, dcb);
+    };
+    if (Cin == 1) run(std::integral_constant<int, 9>{});
+    else run(std::integral_constant<int, 27>{});
+  });
+  return {dcw, dcb};
+}
+
 // The GIL is released: metaml's task threads run whole tasks concurrently, and each calls these.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>(),
         "(x, weight, bias, eps) -> (out, argmax, mean, biased var, invstd)");
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>(),
         "(grad_out, out, argmax, x, mean, invstd, weight) -> (grad_x, grad_weight, grad_bias)");
+  m.def("first_conv", &first_conv, py::call_guard<py::gil_scoped_release>(),
+        "(images, conv weight, conv bias) -> (the convolution's output,)");
+  m.def("first_conv_weight_grad", &first_conv_weight_grad, py::call_guard<py::gil_scoped_release>(),
+        "(images, grad of the convolution's output) -> (grad conv weight, grad conv bias)");
   m.def("double_backward", &double_backward, py::call_guard<py::gil_scoped_release>(),
         "(grad grad_x, grad grad_weight, grad grad_bias, grad_out, out, argmax, x, mean, invstd, weight) -> "
         "(grad grad_out, grad x, grad weight)");
