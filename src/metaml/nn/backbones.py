@@ -210,9 +210,8 @@ def channels_last_input(model: nn.Module, x: Tensor) -> Tensor:
     ``torch.func`` transforms and ``torch.compile``; otherwise ``x`` itself. The values are
     the same; only their order in memory changes, and every layer after the first keeps it.
     On conv4 that makes torch's CPU max-pooling and BatchNorm forward kernels 12x and 2x
-    faster (docs/speed.md), but BatchNorm's double backward slower: the gradient-based
-    learners keep the default layout for a pass that is differentiated twice (a second-order
-    inner step's support pass).
+    faster, and lets metaml's fused kernel (:mod:`metaml.nn.fused`) run its blocks, double
+    backward included (docs/speed.md).
 
     Example:
         >>> net = create_backbone("conv4")

@@ -6,8 +6,10 @@ max-pooling's backward zero-fills one more. :func:`norm_pool_relu` (and
 :func:`batch_norm_pool_relu`) does the three in one C++ kernel (``csrc/bn_pool_relu.cpp``),
 forward and backward; :func:`conv_block` also folds in the first block's 1- or 3-channel
 convolution, whose full-resolution output is then never stored. A block takes 1.6-3.2x less
-time, a ProtoNet 20-way episode 1.3x (docs/speed.md). The values are those of torch's
-kernels up to rounding (tested in float64).
+time, a ProtoNet 20-way episode 1.3x (docs/speed.md). A backward with ``create_graph=True``
+(second-order MAML's inner steps) stays in the kernel: its double backward is hand-derived
+there too. The values are those of torch's kernels up to rounding (tested in float64, the
+double backward against torch's and with ``gradgradcheck``).
 
 The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is needed (once
 per machine and torch version, about a minute; it needs a C++ compiler and ninja) and cached
@@ -415,9 +417,9 @@ def batch_norm_pool_relu(
     BatchNorm normalises with the statistics of ``x`` itself and, given ``running_mean`` and
     ``running_var``, updates them in place as ``F.batch_norm(..., training=True)`` does. The
     fused kernel runs for 4-D float32/float64 channels-last CPU tensors outside ``torch.func``
-    transforms and ``torch.compile``; every other input goes through torch's kernels. Its
-    gradients are first order in the kernel; a backward with ``create_graph=True`` recomputes
-    on torch's kernels, so second-order MAML gets exact double backward.
+    transforms and ``torch.compile``; every other input goes through torch's kernels. A
+    backward with ``create_graph=True`` is differentiable again, in the kernel, so
+    second-order MAML gets the exact double backward.
 
     Example:
         >>> x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
@@ -556,9 +558,8 @@ def _first_block_fusable(
         or conv.out_channels % 8
     ):
         return False
-    # channels-last images only: a pass the learners keep in the default layout (one that is
-    # differentiated twice) must keep its later blocks there too; a 1-channel batch is in
-    # both layouts, so its strides tell which one the learner chose
+    # channels-last images only (an NCHW batch keeps torch's layout and kernels for all its
+    # blocks); a 1-channel batch is in both layouts, so its strides tell which one was chosen
     if x.dim() != 4 or x.requires_grad or (x.size(1) == 1 and x.stride(1) != 1):
         return False
     assert isinstance(norm, nn.BatchNorm2d)
