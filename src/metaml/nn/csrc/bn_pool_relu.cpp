@@ -579,20 +579,22 @@ std::vector<at::Tensor> conv_forward(at::Tensor img, at::Tensor cw, at::Tensor c
   return {out, idx, mean_t, var_t, invstd_t};
 }
 
-// The convolution's weight and bias gradients from its output gradient, d(blk, n, h, w, patch)
-// for one 8-channel block at one pixel: per chunk of image rows, summed in chunk order.
-template <int KN, typename T, typename D>
-static void fold_weight_grad(const Geo& g, const T* pad, const D& d_at, at::Tensor& dcw, at::Tensor& dcb) {
+// The convolution's weight and bias gradients from its output gradient: gradient_of(blk) gives
+// d(n, h, w, patch) for one 8-channel block at one pixel (its per-block constants loaded once).
+// Per chunk of image rows, summed in chunk order.
+template <int KN, typename T, typename G>
+static void fold_weight_grad(const Geo& g, const T* pad, const G& gradient_of, at::Tensor& dcw, at::Tensor& dcb) {
   const int64_t blocks = g.C / L, rows = g.N * g.H, chunks = chunk_count(rows);
   std::vector<T> pw(chunks * g.C * KN), pb(chunks * g.C);
   for_chunks_and_blocks(rows, chunks, blocks, [&](int64_t k, int64_t blk, int64_t r0, int64_t r1) {
+    const auto d_at = gradient_of(blk);
     Vec<T> dw[KN] = {}, db = {};
     T p[KN];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.H, h = r % g.H;
       for (int64_t wc = 0; wc < g.W; ++wc) {
         patch<KN>(pad, g, n, h, wc, p);
-        const Vec<T> d = d_at(blk, n, h, wc, p);
+        const Vec<T> d = d_at(n, h, wc, p);
         db += d;
         for (int kk = 0; kk < KN; ++kk) dw[kk] += p[kk] * d;
       }
@@ -656,19 +658,22 @@ static void backward_impl(const at::Tensor& gr, const at::Tensor& out, const at:
   const int64_t M = g.N * g.H * g.W;
   std::vector<T> KK(g.C), A(g.C), B(g.C);
   backward_coefficients<T>(s1, s2, chunks1, g.C, M, mean, inv, wp, dgam, dbet, KK, A, B);
-  fold_weight_grad<KN, T>(g, pad, [&](int64_t blk, int64_t n, int64_t h, int64_t wc, const T* p) {
+  fold_weight_grad<KN, T>(g, pad, [&](int64_t blk) {
     const T* w = wb.data() + blk * KN * L;
     const Vec<T> b = load<T>(cbp + blk * L), Ab = load<T>(A.data() + blk * L), Bb = load<T>(B.data() + blk * L);
-    Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
-    const int64_t i = h / 2, j = wc / 2;
-    if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
-      const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
-      IVec<T> km;
-      for (int l = 0; l < L; ++l) km[l] = mp[o + l];
-      const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
-      d += keep<T>(load<T>(KK.data() + blk * L) * load<T>(gp + o), hit);
-    }
-    return d;
+    const Vec<T> Kb = load<T>(KK.data() + blk * L);
+    return [=, &g](int64_t n, int64_t h, int64_t wc, const T* p) {
+      Vec<T> d = Ab * conv8<KN>(p, w, b) + Bb;
+      const int64_t i = h / 2, j = wc / 2;
+      if (i < g.H2 && j < g.W2) {  // in a pooling window: the gradient lands on its argmax
+        const int64_t o = ((n * g.H2 + i) * g.W2 + j) * g.C + blk * L;
+        IVec<T> km;
+        for (int l = 0; l < L; ++l) km[l] = mp[o + l];
+        const IVec<T> hit = (km == int((h & 1) * 2 + (wc & 1))) & (load<T>(op + o) > 0);
+        d += keep<T>(Kb * load<T>(gp + o), hit);
+      }
+      return d;
+    };
   }, dcw, dcb);
 }
 
@@ -739,8 +744,10 @@ std::vector<at::Tensor> first_conv_weight_grad(at::Tensor img, at::Tensor d) {
       const Geo g = geometry(img, dcw);
       const at::Tensor padded = padded_nhwc(img);
       const T* dp = d.data_ptr<T>();
-      fold_weight_grad<KN, T>(g, padded.data_ptr<T>(), [&](int64_t blk, int64_t n, int64_t h, int64_t wc, const T*) {
-        return load<T>(dp + ((n * g.H + h) * g.W + wc) * g.C + blk * L);
+      fold_weight_grad<KN, T>(g, padded.data_ptr<T>(), [&](int64_t blk) {
+        return [=, &g](int64_t n, int64_t h, int64_t wc, const T*) {
+          return load<T>(dp + ((n * g.H + h) * g.W + wc) * g.C + blk * L);
+        };
       }, dcw, dcb);
     };
     if (Cin == 1) run(std::integral_constant<int, 9>{});
