@@ -502,7 +502,8 @@ def adaptation_impls(
         return correct / len(episodes)
 
     def run_metaml_threads() -> float:
-        return sum(map_in_threads(score, len(episodes), task_threads)) / len(episodes)
+        scores = map_in_threads(score, len(episodes), task_threads, learner.parameters())
+        return sum(scores) / len(episodes)
 
     if task_threads > 1:  # the whole CPU: see adaptation_impls_all_cores
         return {"metaml-taskthreads": run_metaml_threads, "metaml": run_metaml,

@@ -177,3 +177,47 @@ def test_evaluation_refuses_task_threads_for_learners_without_them() -> None:
     learner = ProtoNet(create_backbone("mlp", num_outputs=0))
     with pytest.raises(UserError, match="does not adapt on task threads"):
         evaluate(learner, sampler, episodes=2, task_threads=2)
+
+
+_FRESH_LEAF_RACE = """
+import sys, torch
+from metaml.threads import map_in_threads
+
+class Scale(torch.autograd.Function):  # applied with the GIL held, as metaml's fused kernel
+    @staticmethod
+    def forward(ctx, x, w):
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g
+
+x = torch.randn(64)
+for _ in range(int(sys.argv[1])):
+    w = torch.randn(64, requires_grad=True)  # a fresh leaf: no gradient accumulator yet
+
+    def call(i):  # the other thread records w in an op, which releases the GIL
+        return (Scale.apply(x, w) if i % 2 else w - x).sum()
+
+    list(map_in_threads(call, 2, threads=2, leaves=[w]))
+print("finished")
+"""
+
+
+def test_threads_recording_one_fresh_leaf_do_not_deadlock() -> None:
+    """torch 2.13 deadlocks when two threads make one leaf's gradient accumulator at once, one
+    of them holding the GIL (a custom autograd function): without ``leaves`` this script hung
+    within 3,000 iterations in every one of 4 tries (and within 10 in others); with it, the
+    accumulators exist before the threads start. In a subprocess, so a regression fails on the
+    timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_LEAF_RACE, "3000"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "finished"

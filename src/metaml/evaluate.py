@@ -117,7 +117,7 @@ def evaluate(
         return learner.score(outputs, task.query_y)
 
     def scores_in_threads(tasks: list[Task]) -> Iterator[float]:
-        return map_in_threads(lambda j: score(tasks[j]), len(tasks), threads)
+        return map_in_threads(lambda j: score(tasks[j]), len(tasks), threads, learner.parameters())
 
     was_training = learner.training
     learner.eval()

@@ -15,6 +15,14 @@ Two things are per thread and handled here:
 * grad and inference mode, autocast, the intra-op thread count and the CUDA device and stream
   are thread-local: :func:`map_in_threads` hands the caller's to its threads.
 
+And one thing is shared: a leaf tensor's gradient accumulator, which torch creates the first
+time an operation records the leaf, under a lock of the tensor's, and which torch 2.13 creates
+needing the GIL. An operation records its inputs without the GIL, a custom autograd function
+(metaml's fused kernel) with it, so two threads recording one fresh leaf at once can deadlock,
+each holding what the other waits for. :func:`map_in_threads` creates the accumulators of the
+``leaves`` it is given (the learner's parameters) before its threads start and keeps them until
+its last result: a lookup of an existing one takes neither.
+
 Results come back in task order, so sums over tasks are formed in the same order as in a plain
 loop, whatever order the threads finish in.
 
@@ -33,7 +41,7 @@ import copy
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import TypeVar
@@ -76,7 +84,9 @@ def check_task_threads(task_threads: int, model: nn.Module) -> int:
     return int(task_threads)
 
 
-def map_in_threads(fn: Callable[[int], T], count: int, threads: int) -> Iterator[T]:
+def map_in_threads(
+    fn: Callable[[int], T], count: int, threads: int, leaves: Iterable[Tensor] = ()
+) -> Iterator[T]:
     """``fn(0), ..., fn(count - 1)`` on ``threads`` threads, yielded in that order.
 
     With ``threads=1``, or when called from a task thread (nested calls run there, in turn),
@@ -84,7 +94,10 @@ def map_in_threads(fn: Callable[[int], T], count: int, threads: int) -> Iterator
     of ``threads`` threads kept for the process, under the caller's grad and inference modes,
     autocast, intra-op thread count and CUDA device and stream. At most ``2 * threads`` calls
     are handed out ahead of the one being yielded, so finished results do not pile up. An
-    exception in a call is raised when its result is reached.
+    exception in a call is raised when its result is reached. ``leaves`` are the tensors that
+    require grad which the calls share (a model's parameters): their gradient accumulators are
+    made up front and kept while the calls run, since torch deadlocks when two threads make
+    one at once (see the module's docstring).
 
     Example:
         >>> list(map_in_threads(lambda i: i * i, 4, threads=2))
@@ -93,18 +106,35 @@ def map_in_threads(fn: Callable[[int], T], count: int, threads: int) -> Iterator
     if threads == 1 or getattr(_LOCAL, "in_task", False):
         return map(fn, range(count))
     enter_callers_modes = _callers_modes()
+    accumulators = _grad_accumulators(leaves)
 
     def run(index: int) -> T:
         _LOCAL.in_task = True
         with enter_callers_modes():
             return fn(index)
 
-    return _in_order(_pool(threads), run, count, ahead=2 * threads)
+    return _in_order(_pool(threads), run, count, ahead=2 * threads, keep=accumulators)
+
+
+def _grad_accumulators(leaves: Iterable[Tensor]) -> list[Tensor]:
+    """Views of each leaf that requires grad, which hold its gradient accumulator, made now.
+
+    Held through a view's graph, not as a Python object: an accumulator with a Python object
+    would need the GIL again at every lookup."""
+    if torch.is_inference_mode_enabled():  # nothing is recorded: no accumulator is made
+        return []
+    with torch.enable_grad():
+        return [t.view_as(t) for t in leaves if t.requires_grad and t.is_leaf]
 
 
 def _in_order(
-    pool: ThreadPoolExecutor, run: Callable[[int], T], count: int, ahead: int
+    pool: ThreadPoolExecutor,
+    run: Callable[[int], T],
+    count: int,
+    ahead: int,
+    keep: list[Tensor],
 ) -> Iterator[T]:
+    # ``keep`` (the leaves' gradient accumulators) lives as long as this generator runs
     indices = iter(range(count))
     pending: deque[Future[T]] = deque(pool.submit(run, i) for i in islice(indices, ahead))
     while pending:

@@ -345,7 +345,7 @@ class GradientBasedLearner(MetaLearner):
         sums: list[Tensor] = [torch.zeros_like(p) for p in params]
         losses, outputs = [], []
         # In task order whatever thread computed them: the sums do not depend on task_threads.
-        for loss, out, grads in map_in_threads(task_gradients, tasks, self.task_threads):
+        for loss, out, grads in map_in_threads(task_gradients, tasks, self.task_threads, params):
             for total, g in zip(sums, grads, strict=True):
                 if g is not None:
                     total.add_(g)
