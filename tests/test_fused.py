@@ -143,14 +143,25 @@ def test_double_backward_equals_torchs(
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+def _first_block_inputs(
+    seed: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """float64 channels-last images of ``shape`` and a first block's conv weight and bias and
+    BatchNorm weight and bias (8 channels), all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(*shape, generator=g, dtype=torch.float64).clone(memory_format=CL)
+    params = [
+        torch.randn(8, shape[1], 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(8, generator=g, dtype=torch.float64),
+        torch.rand(8, generator=g, dtype=torch.float64) + 0.5,
+        torch.randn(8, generator=g, dtype=torch.float64),
+    ]
+    return images, [p.requires_grad_() for p in params]
+
+
 def test_first_block_double_backward_equals_torchs(kernel_calls: list) -> None:
-    g = torch.Generator().manual_seed(7)
-    images = torch.randn(4, 1, 9, 8, generator=g, dtype=torch.float64).clone(memory_format=CL)
-    conv_w = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
-    conv_b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
-    w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
-    upstream = torch.randn(4, 8, 4, 4, generator=g, dtype=torch.float64)
+    images, params = _first_block_inputs(7, (4, 1, 9, 8))
+    upstream = torch.randn(4, 8, 4, 4, generator=torch.Generator().manual_seed(7)).double()
 
     def fused_block(*params: torch.Tensor) -> torch.Tensor:
         return fused._ConvBatchNormPoolReLU.apply(images, *params, 1e-5)[0]
@@ -158,8 +169,8 @@ def test_first_block_double_backward_equals_torchs(kernel_calls: list) -> None:
     def torch_block(cw: torch.Tensor, cb: torch.Tensor, *wb: torch.Tensor) -> torch.Tensor:
         return _reference(F.conv2d(images, cw, cb, padding=1), *wb)
 
-    got = _double_backward(fused_block, [conv_w, conv_b, w, b], upstream, seed=8)
-    ref = _double_backward(torch_block, [conv_w, conv_b, w, b], upstream, seed=8)
+    got = _double_backward(fused_block, params, upstream, seed=8)
+    ref = _double_backward(torch_block, params, upstream, seed=8)
     assert kernel_calls == [("conv", 4, 1, 9, 8)]
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
@@ -315,12 +326,7 @@ def test_first_block_with_its_convolution_equals_torchs_kernels(
 
 
 def test_first_block_gradgradcheck(kernel_calls: list) -> None:
-    g = torch.Generator().manual_seed(4)
-    images = torch.randn(3, 1, 5, 4, generator=g, dtype=torch.float64).clone(memory_format=CL)
-    conv_w = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
-    conv_b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
-    w = (torch.rand(8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+    images, (conv_w, conv_b, w, b) = _first_block_inputs(4, (3, 1, 5, 4))
 
     def block(cw: torch.Tensor, cb: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return fused._ConvBatchNormPoolReLU.apply(images, cw, cb, w, b, 1e-5)[0]

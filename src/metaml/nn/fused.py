@@ -220,28 +220,14 @@ class _BatchNormPoolReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         x, weight, out, argmax, mean, invstd = ctx.saved_tensors
-        grads = _block_backward(grad_out, x, weight, out, argmax, mean, invstd)
+        if torch.is_grad_enabled():  # a second-order inner step: keep the graph of this backward
+            grads = _BatchNormPoolReLUGrad.apply(
+                grad_out, x, weight, out.detach(), argmax, mean, invstd
+            )
+        else:
+            assert _extension is not None
+            grads = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
         return (*_wanted(grads, ctx.needs_input_grad), None)
-
-
-def _block_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    out: Tensor,
-    argmax: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias) of a fused block; differentiable under ``create_graph=True``."""
-    if torch.is_grad_enabled():  # a second-order inner step: keep the graph of this backward
-        grads = _BatchNormPoolReLUGrad.apply(
-            grad_out, x, weight, out.detach(), argmax, mean, invstd
-        )
-        return grads[0], grads[1], grads[2]
-    assert _extension is not None
-    dx, dw, db = _extension.backward(grad_out, out, argmax, x, mean, invstd, weight)
-    return dx, dw, db
 
 
 def _wanted(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> list[Tensor | None]:

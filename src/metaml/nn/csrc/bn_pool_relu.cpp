@@ -700,6 +700,13 @@ std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor 
 // (which the fused passes never store) and the weight gradient of a full-resolution output
 // gradient: torch's kernels run a 1-channel convolution at 3-27% of the machine's peak.
 
+// run(std::integral_constant<int, KN>) with KN = 9 * Cin for the images' 1 or 3 channels.
+template <typename F>
+static void with_patch_size(const at::Tensor& img, const F& run) {
+  if (img.size(1) == 1) run(std::integral_constant<int, 9>{});
+  else run(std::integral_constant<int, 27>{});
+}
+
 // images (N, Cin, H, W) * cw (C, Cin, 3, 3) + cb, padding 1: (N, C, H, W) channels-last.
 std::vector<at::Tensor> first_conv(at::Tensor img, at::Tensor cw, at::Tensor cb) {
   auto z = at::empty({img.size(0), cw.size(0), img.size(2), img.size(3)},
@@ -726,8 +733,7 @@ std::vector<at::Tensor> first_conv(at::Tensor img, at::Tensor cw, at::Tensor cb)
           }
       });
     };
-    if (img.size(1) == 1) run(std::integral_constant<int, 9>{});
-    else run(std::integral_constant<int, 27>{});
+    with_patch_size(img, run);
   });
   return {z};
 }
@@ -750,8 +756,7 @@ std::vector<at::Tensor> first_conv_weight_grad(at::Tensor img, at::Tensor d) {
         };
       }, dcw, dcb);
     };
-    if (Cin == 1) run(std::integral_constant<int, 9>{});
-    else run(std::integral_constant<int, 27>{});
+    with_patch_size(img, run);
   });
   return {dcw, dcb};
 }
