@@ -499,6 +499,13 @@ static Geo geometry(const at::Tensor& img, const at::Tensor& cw) {
   return Geo{img.size(0), img.size(1), H, W, cw.size(0), H / 2, W / 2, H + 2, W + 2};
 }
 
+// run(std::integral_constant<int, KN>) with KN = 9 * Cin for the images' 1 or 3 channels.
+template <typename F>
+static void with_patch_size(const at::Tensor& img, const F& run) {
+  if (img.size(1) == 1) run(std::integral_constant<int, 9>{});
+  else run(std::integral_constant<int, 27>{});
+}
+
 // The images zero-padded by one pixel, (N, H+2, W+2, Cin) contiguous: patches need no bounds checks.
 static at::Tensor padded_nhwc(const at::Tensor& img) {
   return at::constant_pad_nd(img, {1, 1, 1, 1}).permute({0, 2, 3, 1}).contiguous();
@@ -573,8 +580,9 @@ std::vector<at::Tensor> conv_forward(at::Tensor img, at::Tensor cw, at::Tensor c
     using T = scalar_t;
     const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
     const T* bp = bias.has_value() && bias->defined() ? bias->data_ptr<T>() : nullptr;
-    if (img.size(1) == 1) forward_impl<9, T>(img, cw, cb, wp, bp, eps, out, idx, mean_t, var_t, invstd_t);
-    else forward_impl<27, T>(img, cw, cb, wp, bp, eps, out, idx, mean_t, var_t, invstd_t);
+    with_patch_size(img, [&](auto kn) {
+      forward_impl<decltype(kn)::value, T>(img, cw, cb, wp, bp, eps, out, idx, mean_t, var_t, invstd_t);
+    });
   });
   return {out, idx, mean_t, var_t, invstd_t};
 }
@@ -686,10 +694,10 @@ std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor 
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "conv_backward", [&] {
     using T = scalar_t;
     const T* wp = weight.has_value() && weight->defined() ? weight->data_ptr<T>() : nullptr;
-    if (img.size(1) == 1)
-      backward_impl<9, T>(gr, out, idx, img, cw, cb, mean_t.data_ptr<T>(), invstd_t.data_ptr<T>(), wp, dcw, dcb, dgam, dbet);
-    else
-      backward_impl<27, T>(gr, out, idx, img, cw, cb, mean_t.data_ptr<T>(), invstd_t.data_ptr<T>(), wp, dcw, dcb, dgam, dbet);
+    with_patch_size(img, [&](auto kn) {
+      backward_impl<decltype(kn)::value, T>(gr, out, idx, img, cw, cb, mean_t.data_ptr<T>(), invstd_t.data_ptr<T>(), wp,
+                                            dcw, dcb, dgam, dbet);
+    });
   });
   return {dcw, dcb, dgam, dbet};
 }
@@ -699,13 +707,6 @@ std::vector<at::Tensor> conv_backward(at::Tensor gr, at::Tensor out, at::Tensor 
 // A backward with create_graph=True (a second-order inner step) needs the convolution's output
 // (which the fused passes never store) and the weight gradient of a full-resolution output
 // gradient: torch's kernels run a 1-channel convolution at 3-27% of the machine's peak.
-
-// run(std::integral_constant<int, KN>) with KN = 9 * Cin for the images' 1 or 3 channels.
-template <typename F>
-static void with_patch_size(const at::Tensor& img, const F& run) {
-  if (img.size(1) == 1) run(std::integral_constant<int, 9>{});
-  else run(std::integral_constant<int, 27>{});
-}
 
 // images (N, Cin, H, W) * cw (C, Cin, 3, 3) + cb, padding 1: (N, C, H, W) channels-last.
 std::vector<at::Tensor> first_conv(at::Tensor img, at::Tensor cw, at::Tensor cb) {
