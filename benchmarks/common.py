@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from metaml.data import ClassDataset, load
+from metaml.device import has_fast_bf16
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 OMNIGLOT = str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
@@ -26,7 +27,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    # "AMD EPYC" names both an AVX2-only Zen 3 and an AVX-512 Zen 4 with bf16 units
+    units = "bf16 units" if has_fast_bf16("cpu") else "no bf16 units"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"{cpu} ({isa}, {units}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def append_section(title: str, body: str) -> None:

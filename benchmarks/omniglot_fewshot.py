@@ -10,6 +10,11 @@ Run:
     python -m benchmarks.omniglot_fewshot --configs protonet,baseline,baselinepp --steps 1000
     python -m benchmarks.omniglot_fewshot --configs maml,fomaml --steps maml=200,fomaml=500 \
         --settings 5x1,5x5 --no-features --curves benchmarks/gbml_curves.png
+    python -m benchmarks.omniglot_fewshot --configs maml,maml@bf16 --settings 5x1 --no-features
+
+``NAME@bf16`` trains ``configs/NAME-omniglot.yaml`` under bf16 autocast
+(``train.precision=bf16``) as its own run, ``NAME-omniglot-bf16``: the same seed, tasks and
+test episodes as ``NAME``, so the paired difference is the precision's.
 """
 
 from __future__ import annotations
@@ -55,15 +60,21 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 def train_run(
     config: str, steps: int, out: Path, root: str | None, overrides: list[str]
 ) -> tuple[Path, float]:
-    """Train (or finish) ``configs/<config>-omniglot.yaml``; returns the run and its CPU seconds."""
+    """Train (or finish) ``configs/<config>-omniglot.yaml``; returns the run and its CPU seconds.
+
+    ``config`` may end in ``@bf16``: the same config trained under bf16 autocast, as its own run.
+    """
     every = [
         f"train.val_every={max(steps // 5, 1)}",
         f"train.checkpoint_every={max(steps // 5, 1)}",
     ]
     settings = [f"train.steps={steps}", *every, *overrides]
-    cfg = load_config(
-        f"configs/{config}-omniglot.yaml", settings + ([f"data.root={root}"] if root else [])
-    )
+    config, _, precision = config.partition("@")
+    path = f"configs/{config}-omniglot.yaml"
+    if precision:
+        name = load_config(path).name
+        settings += [f"train.precision={precision}", f"name={name}-{precision}"]
+    cfg = load_config(path, settings + ([f"data.root={root}"] if root else []))
     run_dir = out / cfg.name
     started, cpu = time.perf_counter(), time.process_time()
     if latest_checkpoint(run_dir) is not None:
@@ -163,6 +174,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--eval-only", default=None, help="evaluate only these methods (cached)")
     parser.add_argument(
+        "--train-only", action="store_true", help="train, evaluate nothing (one process per run)"
+    )
+    parser.add_argument(
         "--print-only", action="store_true", help="print, do not append to RESULTS.md"
     )
     args = parser.parse_args()
@@ -176,6 +190,8 @@ def main() -> None:
         for name in names
     }
     run_dirs = {name: run_dir for name, (run_dir, _) in trained.items()}
+    if args.train_only:
+        return
     if args.curves:
         plot_curves(run_dirs, args.curves)
     learners = {name: runs.load_learner(d, device="cpu") for name, d in run_dirs.items()}

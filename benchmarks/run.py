@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine
-from metaml.device import reuse_cpu_memory
+from metaml.device import has_fast_bf16, reuse_cpu_memory
 from metaml.nn.fused import fused_kernels, fused_kernels_available
 
 Step = Callable[[], Any]
@@ -324,13 +324,16 @@ def worker_conv4(name: str, quick: bool) -> dict[str, Any]:
     spec = conv4_spec(name, quick)
     batch = random_batch(spec)
     cores = os.cpu_count() or 1
+    # bf16 in every setting where the CPU has bf16 units; without them (~8x slower than fp32)
+    # once, where it is cheapest, to show it.
+    fast_bf16 = has_fast_bf16("cpu")
     if name.endswith("-all"):
-        impls = conv4_impls_all_cores(spec, batch, cores)
+        impls = conv4_impls_all_cores(spec, batch, cores, bf16=fast_bf16)
     else:
-        # bf16 and vmap (both much slower on this CPU) once each, where they are cheapest, and
-        # low-memory where memory matters (5 steps, second order).
+        # vmap (much slower) once, where it is cheapest, and low-memory where memory matters
+        # (5 steps, second order).
         impls = conv4_impls(
-            spec, batch, bf16=name == "conv4-1-fo", vmap=name == "conv4-1-so",
+            spec, batch, bf16=fast_bf16 or name == "conv4-1-fo", vmap=name == "conv4-1-so",
             low_memory=name == "conv4-5-so",
         )  # fmt: skip
     # FLOPs of one meta-iteration, counted on a separate plain-loop instance (same arithmetic).

@@ -331,11 +331,14 @@ def on_threads(threads: int, step: Step) -> Step:
     return run
 
 
-def conv4_impls_all_cores(spec: Conv4Spec, batch: TaskBatch, cores: int) -> dict[str, Step]:
+def conv4_impls_all_cores(
+    spec: Conv4Spec, batch: TaskBatch, cores: int, bf16: bool = False
+) -> dict[str, Step]:
     """One conv4 MAML setting with the whole CPU: metaml's tasks on ``cores`` task threads of
     one intra-op thread each, beside metaml's plain loop and the references on ``cores``
     intra-op threads (torch's default) and on one (``-1thread``; the faster for these shapes
-    here), so each reference is also measured in its own best setting.
+    here), so each reference is also measured in its own best setting. ``bf16`` adds metaml's
+    task threads under bf16 autocast.
 
     Example:
         >>> spec = Conv4Spec(meta_batch=2, hidden=8, queries=2)
@@ -351,6 +354,14 @@ def conv4_impls_all_cores(spec: Conv4Spec, batch: TaskBatch, cores: int) -> dict
             cores, metaml_maml(copy.deepcopy(base), batch, *args, vectorize="loop")
         ),
     }
+    if bf16:
+        impls["metaml-taskthreads-bf16"] = on_threads(
+            1,
+            metaml_maml(
+                copy.deepcopy(base), batch, *args, vectorize="loop", task_threads=cores,
+                precision="bf16",
+            ),
+        )  # fmt: skip
     for threads, suffix in ((cores, ""), (1, "-1thread")):
         impls[f"higher{suffix}"] = on_threads(
             threads, higher_maml(textbook_conv4(base), batch, *args)

@@ -175,6 +175,44 @@ def test_trainer_precision_bf16_runs_meta_loss_under_autocast(tmp_path) -> None:
     assert all(p.dtype == torch.float32 for p in learner.parameters())
 
 
+@pytest.mark.parametrize(
+    ("flags", "fast"),
+    [
+        ("flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni", True),  # Zen 4
+        ("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile", True),  # Sapphire Rapids
+        ("Features\t: fp asimd sve bf16 i8mm", True),  # Arm (Graviton 3)
+        ("flags\t\t: fpu sse2 avx2 fma", False),  # Zen 3: AVX2 only
+        ("flags\t\t: avx512f avx512bw avx512_vnni", False),  # AVX-512 without BF16
+    ],
+)
+def test_has_fast_bf16_reads_the_cpus_bf16_units(monkeypatch, flags: str, fast: bool) -> None:  # type: ignore[no-untyped-def]
+    from metaml import device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    assert device.has_fast_bf16("cpu") is fast
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_trainer_warns_of_bf16_without_bf16_units(tmp_path, monkeypatch, fast: bool) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    from metaml.config import TrainConfig
+    from metaml.data import Sinusoid
+    from metaml.engine.trainer import Trainer
+    from metaml.tasks import EpisodeSampler
+
+    monkeypatch.setattr("metaml.engine.trainer.has_fast_bf16", lambda device: fast)
+    sampler = EpisodeSampler(Sinusoid(), shots=5, queries=5, meta_batch_size=2)
+    learner = MAML(create_backbone("mlp"), task_type="regression", vectorize="loop")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(learner, sampler, None, TrainConfig(precision="bf16"), tmp_path, quiet=True)
+        Trainer(learner, sampler, None, TrainConfig(precision="fp32"), tmp_path, quiet=True)
+    said = [str(w.message) for w in caught if "bf16 units" in str(w.message)]
+    assert len(said) == (0 if fast else 1)
+    assert fast or "train.precision=fp32" in said[0]
+
+
 @pytest.mark.slow
 def test_compiled_meta_loss_gives_the_second_order_meta_gradient() -> None:
     torch.manual_seed(0)

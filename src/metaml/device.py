@@ -1,9 +1,11 @@
-"""Device selection (``auto`` means CUDA when present, else CPU) and CPU memory reuse."""
+"""Device selection (``auto`` means CUDA when present, else CPU), what the CPU computes fast,
+and CPU memory reuse."""
 
 from __future__ import annotations
 
 import ctypes
 import platform
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,47 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
     return resolved
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as the kernel lists them (``/proc/cpuinfo``), else its name.
+
+    Example:
+        >>> isinstance(cpu_flags(), str)
+        True
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, Arm
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# Flags of bf16 dot-product units that oneDNN uses for bf16 matmuls and convolutions: x86's
+# AVX-512 BF16 and AMX, Arm's BF16 extension.
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def has_fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 matmuls and convolutions in hardware, so that
+    ``train.precision: bf16`` is faster than fp32 there.
+
+    On a CPU without bf16 units torch emulates them, and bf16 autocast ran conv4 MAML 8.5x
+    slower than fp32 (an AVX2-only AMD EPYC); with AVX-512 BF16 it ran 1.2-1.5x faster
+    (docs/speed.md).
+
+    Example:
+        >>> isinstance(has_fast_bf16("cpu"), bool)
+        True
+    """
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere and later
+    if device.type != "cpu":
+        return False
+    return bool(_BF16_FLAGS & set(cpu_flags().split()))
 
 
 # glibc's mallopt parameters (malloc.h)

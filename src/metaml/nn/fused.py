@@ -16,9 +16,10 @@ per machine and torch version, about a minute; it needs a C++ compiler and ninja
 under ``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``); later processes
 import the cached build directly. Where it cannot
 compile, or ``METAML_FUSED_KERNELS=0`` is set, or :func:`set_fused_kernels` turned it off,
-everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms,
-``torch.compile`` and autocast, for other dtypes than float32/float64, and for inputs that
-are not channels-last.
+everything runs on torch's own kernels, as it does on CUDA, under ``torch.func`` transforms
+and ``torch.compile``, for other dtypes than float32/float64, and for inputs that are not
+channels-last. Under bf16 autocast the kernel normalises the convolutions' bfloat16 outputs
+in float32 (and computes the first block, convolution included, in float32).
 
 Example:
     >>> x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -47,6 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metaml.device import cpu_flags
 
 log = logging.getLogger("metaml.nn.fused")
 
@@ -112,18 +115,8 @@ def _build_name() -> str:
     digest.update(f"{torch.version.cuda} {torch.version.hip}".encode())
     digest.update(sys.implementation.cache_tag.encode())  # the Python ABI it is built for
     digest.update(platform.machine().encode())
-    digest.update(_cpu_flags().encode())
+    digest.update(cpu_flags().encode())
     return f"metaml_bn_pool_relu_{digest.hexdigest()[:16]}"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _load() -> ModuleType | None:
@@ -370,9 +363,8 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     # transforms first: under vmap, x.is_contiguous(memory_format=...) raises
     if not _enabled or _inside_transform() or x.device.type != "cpu" or x.dim() != 4:
         return False
-    if torch.is_autocast_enabled("cpu"):  # bf16 autocast computes in bf16: torch's kernels
-        return False
-    if x.dtype not in (torch.float32, torch.float64) or x.size(2) < 2 or x.size(3) < 2:
+    dtype = _compute_dtype(x)
+    if dtype is None or x.size(2) < 2 or x.size(3) < 2:
         return False
     if x.size(0) * x.size(2) * x.size(3) < 2 or not x.is_contiguous(
         memory_format=torch.channels_last
@@ -380,13 +372,27 @@ def _fusable(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
         return False
     for p in (weight, bias):
         if p is not None and (
-            p.dtype != x.dtype
+            p.dtype != dtype
             or p.device != x.device
             or p.shape != (x.size(1),)
             or not p.is_contiguous()
         ):
             return False
     return _load() is not None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the kernel computes ``x``'s block in, or None where it does not apply.
+
+    float32 and float64 as they come. Under CPU autocast (``train.precision: bf16``), a
+    convolution's bfloat16 output is normalised in float32: the kernel reads a float32 copy
+    and returns float32, which the next convolution casts back to bfloat16 (torch's BatchNorm
+    would accumulate in float32 too, but round its output to bfloat16). A bfloat16 model
+    outside autocast keeps torch's kernels.
+    """
+    if x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else None
 
 
 def batch_norm_pool_relu(
@@ -402,8 +408,9 @@ def batch_norm_pool_relu(
 
     BatchNorm normalises with the statistics of ``x`` itself and, given ``running_mean`` and
     ``running_var``, updates them in place as ``F.batch_norm(..., training=True)`` does. The
-    fused kernel runs for 4-D float32/float64 channels-last CPU tensors outside ``torch.func``
-    transforms and ``torch.compile``; every other input goes through torch's kernels. A
+    fused kernel runs for 4-D float32/float64 channels-last CPU tensors (bfloat16 ones under
+    autocast, computed and returned in float32) outside ``torch.func`` transforms and
+    ``torch.compile``; every other input goes through torch's kernels. A
     backward with ``create_graph=True`` is differentiable again, in the kernel, so
     second-order MAML gets the exact double backward.
 
@@ -415,6 +422,9 @@ def batch_norm_pool_relu(
     if not _fusable(x, weight, bias):
         y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
         return F.relu(F.max_pool2d(y, 2))
+    dtype = _compute_dtype(x)
+    assert dtype is not None
+    x = x.to(dtype)  # a bfloat16 activation under autocast: a float32 copy
     out, mean, var = _BatchNormPoolReLU.apply(x, weight, bias, eps)
     _update_running_stats(running_mean, running_var, mean, var, momentum, x.numel() // x.size(1))
     return out
