@@ -215,7 +215,10 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: meta_loss under torch.autocast(bfloat16); weights and Adam stay fp32",
+        description=(
+            "bf16: meta_loss under torch.autocast(bfloat16); weights and Adam stay fp32. "
+            "Faster only with bf16 units (metaml.device.has_fast_bf16; the trainer warns)"
+        ),
     )
 
 
