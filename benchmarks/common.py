@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from metaml.data import ClassDataset, load
-from metaml.device import has_fast_bf16
+from metaml.device import cpu_model, has_fast_bf16
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 OMNIGLOT = str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
@@ -19,19 +18,11 @@ OMNIGLOT = str(Path(__file__).resolve().parents[2] / "shared/data/omniglot")
 
 def machine() -> str:
     """CPU model, cores, torch version and threads, for the record of a measurement."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     # "AMD EPYC" names both an AVX2-only Zen 3 and an AVX-512 Zen 4 with bf16 units
     units = "bf16 units" if has_fast_bf16("cpu") else "no bf16 units"
     isa = torch.backends.cpu.get_cpu_capability()
     return (
-        f"{cpu} ({isa}, {units}), {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()} ({isa}, {units}), {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
 

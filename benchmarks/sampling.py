@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from metaml.data import ClassDataset, load
+from metaml.device import cpu_model
 from metaml.io import atomic_write_text
 from metaml.tasks import EpisodeSampler
 
@@ -40,22 +40,6 @@ INTRO = (
     "thread. Load times: `metaml.data.load('omniglot-small')` decoding the zips (cold) and\n"
     "from the decoded-data cache. Run: `python -m benchmarks.sampling`.\n\n"
 )
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's processor string).
-
-    Example:
-        >>> isinstance(cpu_model(), str)
-        True
-    """
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_load(root: str | None) -> tuple[ClassDataset, float, float]:

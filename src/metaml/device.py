@@ -32,6 +32,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _cpuinfo_line(*prefixes: str) -> str | None:
+    """The first line of ``/proc/cpuinfo`` that starts with one of ``prefixes``, if any."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(prefixes):
+                return line
+    except OSError:
+        pass
+    return None
+
+
 def cpu_flags() -> str:
     """The CPU's feature flags as the kernel lists them (``/proc/cpuinfo``), else its name.
 
@@ -39,13 +50,18 @@ def cpu_flags() -> str:
         >>> isinstance(cpu_flags(), str)
         True
     """
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86, Arm
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+    return _cpuinfo_line("flags", "Features") or platform.processor()  # x86, Arm
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string.
+
+    Example:
+        >>> isinstance(cpu_model(), str)
+        True
+    """
+    line = _cpuinfo_line("model name")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or "unknown CPU"
 
 
 # Flags of bf16 dot-product units that oneDNN uses for bf16 matmuls and convolutions: x86's
