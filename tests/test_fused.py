@@ -278,8 +278,8 @@ def test_torchs_kernels_run_where_the_fused_one_does_not_apply(kernel_calls: lis
 
 
 def test_a_bf16_activation_under_autocast_is_normalised_in_float32(kernel_calls: list) -> None:
-    """As autocast does for BatchNorm on CUDA: the kernel reads a float32 copy of a
-    convolution's bfloat16 output, returns float32, and the gradient goes back in bfloat16."""
+    """The kernel reads a float32 copy of a convolution's bfloat16 output and returns float32,
+    and the gradient goes back in bfloat16."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, 7, 7, generator=g).contiguous(memory_format=CL).bfloat16()
     x.requires_grad_()
